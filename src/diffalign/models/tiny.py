@@ -1,0 +1,223 @@
+"""The built-in ShapesWorld policy: a tiny pixel-space flow UNet + frozen MiniLM text encoder.
+
+Implements the ``Policy`` protocol (``diffalign.models.base``): ``encode``, ``predict`` with
+batched classifier-free guidance, ``decode``, ``latent_shape``; plus parameter sets:
+
+- ``"policy"``: the trainable parameters (LoRA adapters when ``lora_rank > 0``, else all);
+- ``"reference"``: the base model — adapters disabled (LoRA) or the frozen base weights
+  (full fine-tuning) — entered with ``with policy.reference(): ...``;
+- named snapshots (``"old"``, ``"sampler"``, SePPO checkpoints): copies of the trainable
+  parameters, made with :meth:`save_snapshot`, EMA-updated with :meth:`ema_snapshot`, and
+  swapped in with ``with policy.use_snapshot("old"): ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffalign.errors import ConfigError
+from diffalign.models.checkpoint import load_unet, save_unet
+from diffalign.models.text import Conditioning, TextEncoder, shared_text_encoder
+from diffalign.models.unet import FlowUNet
+
+#: LoRA targets: every projection in attention and the convs inside residual blocks.
+DEFAULT_LORA_TARGETS = ("q", "kv", "out", "conv1", "conv2", "emb")
+
+
+class TinyFlowPolicy(nn.Module):
+    """ShapesWorld policy. Images live in [-1, 1] pixel space; ``decode`` maps to [0, 1]."""
+
+    prediction = "flow"
+
+    def __init__(self, unet: FlowUNet, image_size: int = 32, *, text_encoder: TextEncoder | None = None,
+                 lora_rank: int = 0, lora_alpha: float | None = None,
+                 lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, info: dict | None = None):
+        super().__init__()
+        self.image_size = image_size
+        self.text_encoder = text_encoder or shared_text_encoder()
+        self.info = info or {}
+        self.lora_rank = lora_rank
+        self._null: Conditioning | None = None
+        if lora_rank > 0:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=list(lora_targets),
+                             lora_dropout=0.0, init_lora_weights=True)
+            unet = inject_adapter_in_model(cfg, unet)
+            for n, p in unet.named_parameters():
+                p.requires_grad_("lora_" in n)
+            self._base_state = None
+        else:
+            # Full fine-tuning: keep a frozen copy of the base weights as the reference.
+            self._base_state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        self.unet = unet
+        self._snapshots: dict[str, dict[str, torch.Tensor]] = {}
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | Path | None = None, **kwargs) -> TinyFlowPolicy:
+        """Load from a tiny-model checkpoint (``None``: the shipped ShapesWorld base)."""
+        unet, size, info = load_unet(path)
+        return cls(unet, size, info=info, **kwargs)
+
+    def save(self, path: str | Path, info: dict | None = None) -> Path:
+        """Save the merged model (LoRA folded in) as a standalone tiny-model checkpoint."""
+        return save_unet(path, self._plain_unet(), self.image_size, info, state_dict=self.merged_state_dict())
+
+    def _plain_unet(self) -> FlowUNet:
+        return FlowUNet(self.unet.config)
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """Base-architecture state dict with LoRA deltas merged in."""
+        if self.lora_rank == 0:
+            return {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+        plain = {}
+        modules = dict(self.unet.named_modules())
+        for name, mod in modules.items():
+            if hasattr(mod, "base_layer") and hasattr(mod, "get_delta_weight"):
+                w = mod.base_layer.weight.detach().clone()
+                if "default" in getattr(mod, "lora_A", {}):
+                    w = w + mod.get_delta_weight("default").detach()
+                plain[f"{name}.weight"] = w
+                if mod.base_layer.bias is not None:
+                    plain[f"{name}.bias"] = mod.base_layer.bias.detach().clone()
+        for k, v in self.unet.state_dict().items():
+            if "lora_" in k:
+                continue
+            k2 = k.replace(".base_layer.", ".")
+            plain.setdefault(k2, v.detach().clone())
+        return plain
+
+    # -- Policy protocol ---------------------------------------------------------------
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Cached, batched text conditioning for ``prompts``."""
+        return self.text_encoder(list(prompts))
+
+    def null_conditioning(self, batch: int) -> Conditioning:
+        """The unconditional input used for CFG (the encoding of the empty prompt)."""
+        if self._null is None:
+            self._null = self.text_encoder([""])
+        return Conditioning(*(t.expand(batch, *t.shape[1:]) for t in (self._null.tokens, self._null.mask,
+                                                                    self._null.pooled)))
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        if height != self.image_size or width != self.image_size:
+            raise ConfigError(
+                f"this ShapesWorld model generates {self.image_size}×{self.image_size} images; got {height}×{width}"
+            )
+        return (3, height, width)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.unet(x, t, cond.tokens, cond.mask, cond.pooled)
+
+    def predict(self, x: torch.Tensor, t, cond: Conditioning, guidance_scale: float = 1.0) -> torch.Tensor:
+        """Velocity ``v̂(x, σ=t)``; with ``guidance_scale != 1`` CFG in one batched forward:
+        ``v = v_u + w·(v_c − v_u)``. Returns float32."""
+        b = x.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        if guidance_scale == 1.0:
+            return self(x, t, cond).float()
+        both = Conditioning.cat([self.null_conditioning(b), cond])
+        v = self(torch.cat([x, x]), torch.cat([t, t]), both).float()
+        v_u, v_c = v.chunk(2)
+        return v_u + guidance_scale * (v_c - v_u)
+
+    @staticmethod
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        """Pixel-space latents in [-1, 1] → images in [0, 1] (float32)."""
+        return ((latents.float() + 1) / 2).clamp(0, 1)
+
+    @staticmethod
+    def encode_images(images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] → latents in [-1, 1] (for forward-process and preference methods)."""
+        return images.float() * 2 - 1
+
+    # -- parameter sets ----------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.nn.Parameter]:
+        """The ``"policy"`` parameter set: name → parameter."""
+        return {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.trainable_state().values())
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Run the base model: adapters off (LoRA) or the base weights swapped in (full FT)."""
+        if self.lora_rank > 0:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+            for m in layers:
+                m.enable_adapters(False)
+            try:
+                yield
+            finally:
+                for m in layers:
+                    m.enable_adapters(True)
+        else:
+            with self._swapped(self._base_state):
+                yield
+
+    def save_snapshot(self, name: str) -> None:
+        """Copy the current trainable parameters into snapshot ``name``."""
+        self._snapshots[name] = {k: p.detach().clone() for k, p in self.trainable_state().items()}
+
+    def has_snapshot(self, name: str) -> bool:
+        return name in self._snapshots
+
+    def snapshot_names(self) -> list[str]:
+        return list(self._snapshots)
+
+    def drop_snapshot(self, name: str) -> None:
+        self._snapshots.pop(name, None)
+
+    @torch.no_grad()
+    def ema_snapshot(self, name: str, decay: float) -> None:
+        """``snapshot ← decay·snapshot + (1 − decay)·θ`` (creates it from θ if absent)."""
+        if name not in self._snapshots:
+            self.save_snapshot(name)
+            return
+        snap = self._snapshots[name]
+        for k, p in self.trainable_state().items():
+            snap[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+    def snapshot_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """All snapshots (for checkpoints)."""
+        return self._snapshots
+
+    def load_snapshot_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        self._snapshots = {n: {k: v.clone() for k, v in s.items()} for n, s in state.items()}
+
+    @contextlib.contextmanager
+    def use_snapshot(self, name: str) -> Iterator[None]:
+        """Temporarily run with snapshot ``name`` in place of the trainable parameters."""
+        if name not in self._snapshots:
+            raise KeyError(f"no snapshot named {name!r}; have {sorted(self._snapshots)}")
+        with self._swapped(self._snapshots[name]):
+            yield
+
+    @contextlib.contextmanager
+    def _swapped(self, values: dict[str, torch.Tensor]) -> Iterator[None]:
+        params = dict(self.unet.named_parameters())
+        buffers = dict(self.unet.named_buffers())
+        current = {}
+        with torch.no_grad():
+            for k, v in values.items():
+                target = params.get(k, buffers.get(k))
+                if target is None:
+                    continue
+                current[k] = target.detach().clone()
+                target.copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, v in current.items():
+                    params.get(k, buffers.get(k)).copy_(v)

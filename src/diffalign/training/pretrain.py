@@ -1,0 +1,226 @@
+"""Pretraining the ShapesWorld base model: flow matching on freshly rendered images.
+
+Every random draw of step ``k`` (prompts, render seeds, timesteps, noise, condition
+dropout) comes from generators seeded with ``(seed, k)``, so a resumed run continues
+*exactly*: it needs only the weights, the EMA weights, the optimizer state and ``k``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffalign.errors import CheckpointError, ConfigError
+from diffalign.models.checkpoint import load_unet, save_unet
+from diffalign.models.text import shared_text_encoder
+from diffalign.models.tiny import TinyFlowPolicy
+from diffalign.models.unet import FlowUNet, UNetConfig
+from diffalign.world.grammar import TASKS, eval_prompts, prompt_splits
+from diffalign.world.render import check_size, render
+
+
+@dataclass
+class PretrainConfig:
+    """Pretraining settings (units in each docstring)."""
+
+    steps: int = 2000
+    """Optimizer steps in total."""
+    batch_size: int = 64
+    """Images per optimizer step."""
+    lr: float = 8e-4
+    """Peak AdamW learning rate."""
+    warmup: int = 100
+    """Linear warm-up, in steps."""
+    min_lr_frac: float = 0.1
+    """Cosine decay ends at this fraction of ``lr``."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    ema_decay: float = 0.999
+    """EMA decay (warmed up as min(decay, (1+k)/(10+k)))."""
+    cond_dropout: float = 0.1
+    """Probability of replacing a caption by the empty prompt (for CFG)."""
+    timesteps: str = "logit_normal"
+    """Training σ distribution: ``logit_normal`` (σ = sigmoid(N(0,1))) or ``uniform``."""
+    image_size: int = 32
+    """Canvas side in pixels (32 or 64)."""
+    channels: tuple[int, ...] = (32, 64, 128)
+    """UNet channels per level."""
+    blocks_per_level: int = 1
+    """UNet residual blocks per level."""
+    seed: int = 0
+    """Seed for every random draw (see module docstring)."""
+    ckpt_every: int = 200
+    """Steps between resumable checkpoints (and EMA snapshots)."""
+    sample_every: int = 400
+    """Steps between sample grids with verifier verdicts (0 = never)."""
+    log_every: int = 10
+    """Steps between metrics.jsonl lines."""
+    threads: int = 0
+    """torch threads (0 = torch's default)."""
+    unet: dict = field(default_factory=dict)
+    """Extra UNetConfig fields."""
+
+    def validate(self) -> None:
+        check_size(self.image_size)
+        if self.timesteps not in ("logit_normal", "uniform"):
+            raise ConfigError(f"timesteps={self.timesteps!r}; choose logit_normal or uniform")
+        for k in ("steps", "batch_size"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
+
+
+def _batch(cfg: PretrainConfig, step: int, train: dict[str, list[str]]):
+    rng = np.random.default_rng([cfg.seed, step])
+    tasks = [t for t in TASKS if train[t]]
+    prompts, seeds = [], []
+    for _ in range(cfg.batch_size):
+        pool = train[tasks[rng.integers(len(tasks))]]
+        prompts.append(pool[rng.integers(len(pool))])
+        seeds.append(int(rng.integers(2**31)))
+    images = np.stack([render(p, s, cfg.image_size)[0] for p, s in zip(prompts, seeds, strict=True)])
+    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    if cfg.timesteps == "logit_normal":
+        sigma = torch.sigmoid(torch.randn(cfg.batch_size, generator=g))
+    else:
+        sigma = torch.rand(cfg.batch_size, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    drop = torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout
+    return prompts, x0, sigma, noise, drop
+
+
+def _lr(cfg: PretrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _save_state(out: Path, cfg, step, model, ema, opt, elapsed):
+    ck = out / "checkpoint"
+    ck.mkdir(parents=True, exist_ok=True)
+    save_unet(ck / "model.safetensors", model, cfg.image_size)
+    save_unet(ck / "ema.safetensors", model, cfg.image_size, state_dict=ema)
+    torch.save(opt.state_dict(), ck / "optimizer.pt.tmp")
+    (ck / "optimizer.pt.tmp").replace(ck / "optimizer.pt")
+    tmp = ck / "state.json.tmp"
+    tmp.write_text(json.dumps({"step": step, "elapsed_s": elapsed}))
+    tmp.replace(ck / "state.json")  # written last: a checkpoint is complete once this exists
+
+
+def _load_state(out: Path):
+    ck = out / "checkpoint"
+    if not (ck / "state.json").exists():
+        raise CheckpointError(f"no resumable checkpoint in {out} (expected {ck}/state.json)")
+    state = json.loads((ck / "state.json").read_text())
+    model, _, _ = load_unet(ck / "model.safetensors")
+    ema_model, _, _ = load_unet(ck / "ema.safetensors")
+    return state, model, ema_model.state_dict(), torch.load(ck / "optimizer.pt", weights_only=True)
+
+
+@torch.no_grad()
+def quick_eval(unet: FlowUNet, image_size: int, n: int = 48, steps: int = 20, cfg_scale: float = 4.5,
+               split: str = "test") -> tuple[dict, torch.Tensor, list[str], list]:
+    """Verifier score of ``n`` test-prompt samples (task-balanced, fixed seeds)."""
+    from diffalign.sampling.generate import generate
+    from diffalign.world.verify import verify_batch
+
+    policy = TinyFlowPolicy(unet.eval(), image_size)
+    prompts = eval_prompts(split, n, seed=0)
+    images = generate(policy, prompts, list(range(n)), steps=steps, cfg=cfg_scale)
+    verdicts = verify_batch(images, prompts)
+    return {"score": float(np.mean([v.score for v in verdicts]))}, images, prompts, verdicts
+
+
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, console=None) -> Path:
+    """Run (or resume) pretraining into ``out_dir``; returns the final EMA checkpoint path."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from diffalign.evaluation.grid import save_grid
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out_dir)
+    if resume:
+        state, model, ema, opt_state = _load_state(out)
+        start, elapsed0 = state["step"], state["elapsed_s"]
+        saved = json.loads((out / "config.json").read_text())
+        now = json.loads(json.dumps(asdict(cfg)))
+        diff = sorted(k for k in set(saved) | set(now) if k != "steps" and saved.get(k) != now.get(k))
+        if diff:
+            raise ConfigError(f"resume config differs from the run's saved config in {diff}; resume with the same options")
+    else:
+        if (out / "checkpoint" / "state.json").exists():
+            raise ConfigError(f"{out} already holds a pretraining run; pass --resume to continue it or pick a new --out")
+        torch.manual_seed(cfg.seed)
+        model = FlowUNet(UNetConfig(channels=tuple(cfg.channels), blocks_per_level=cfg.blocks_per_level, **cfg.unet))
+        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        opt_state, start, elapsed0 = None, 0, 0.0
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    train = prompt_splits()["train"]
+    text = shared_text_encoder()
+    null = text([""])
+    log = (out / "metrics.jsonl").open("a")
+    t0 = time.time() - elapsed0
+    model.train()
+    with Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console) as bar:
+        task = bar.add_task("pretrain", total=cfg.steps, completed=start, loss=float("nan"))
+        for step in range(start, cfg.steps):
+            prompts, x0, sigma, noise, drop = _batch(cfg, step, train)
+            cond = text(prompts)
+            if drop.any():
+                cond.tokens[drop], cond.mask[drop], cond.pooled[drop] = null.tokens, null.mask, null.pooled
+            s = sigma[:, None, None, None]
+            x_t = (1 - s) * x0 + s * noise
+            v = model(x_t, sigma, cond.tokens, cond.mask, cond.pooled)
+            loss = F.mse_loss(v.float(), noise - x0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for group in opt.param_groups:
+                group["lr"] = _lr(cfg, step)
+            opt.step()
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for k, p in model.state_dict().items():
+                    ema[k].mul_(d).add_(p, alpha=1 - d) if p.dtype.is_floating_point else ema[k].copy_(p)
+            done = step + 1
+            bar.update(task, completed=done, loss=loss.item())
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                log.write(json.dumps({"step": done, "loss": loss.item(), "grad_norm": float(gnorm),
+                                      "lr": _lr(cfg, step), "elapsed_s": time.time() - t0}) + "\n")
+                log.flush()
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                _save_state(out, cfg, done, model, ema, opt, time.time() - t0)
+                save_unet(out / f"ema_step{done:06d}.safetensors", model, cfg.image_size,
+                          {"step": done, "elapsed_s": time.time() - t0}, state_dict=ema)
+            if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
+                ema_model = FlowUNet(model.config)
+                ema_model.load_state_dict(ema)
+                res, images, prompts_e, verdicts = quick_eval(ema_model, cfg.image_size)
+                save_grid(images, out / "samples" / f"step{done:06d}.png", ncol=8,
+                          captions=prompts_e, marks=[v.score == 1.0 for v in verdicts])
+                log.write(json.dumps({"step": done, "eval_score_test48": res["score"]}) + "\n")
+                log.flush()
+                bar.console.print(f"step {done}: verifier score on 48 test prompts = {res['score']:.3f}")
+    log.close()
+    final = out / "ema_final.safetensors"
+    save_unet(final, model, cfg.image_size, {"steps": cfg.steps, "seed": cfg.seed,
+                                             "elapsed_s": time.time() - t0}, state_dict=ema)
+    return final
