@@ -156,7 +156,7 @@ def judge(spec: PromptSpec, detections: list[Detection], size: int = 32) -> Verd
     constraints: dict[str, bool] = {}
     for i, r in enumerate(reqs):
         constraints[f"object{i}:{r.phrase()}"] = i in match
-    constraints["no_extra"] = len(detections) == len(reqs)
+    constraints["no_extra"] = not free
     if spec.relation:
         ok = 0 in match and 1 in match and _relation_holds(
             detections[match[0]], detections[match[1]], spec.relation, RELATION_MARGIN * size / 32

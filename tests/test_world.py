@@ -1,0 +1,177 @@
+"""ShapesWorld grammar, renderer and verifier."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffalign.errors import DiffalignError, PromptError
+from diffalign.world import (
+    HELD_OUT_COMBOS,
+    TASKS,
+    all_prompts,
+    eval_prompts,
+    format_prompt,
+    parse_prompt,
+    prompt_splits,
+    render,
+    render_batch,
+    verify,
+    verify_batch,
+)
+from diffalign.world.nearmiss import NEAR_MISS_KINDS, near_miss
+from diffalign.world.render import draw, layout
+from diffalign.world.verify import detect
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_every_prompt_round_trips_through_the_parser():
+    prompts = [p for ps in all_prompts().values() for p in ps]
+    assert len(prompts) == len(set(prompts)) == 1485
+    for p in prompts:
+        spec = parse_prompt(p)
+        assert format_prompt(spec) == p
+
+
+@pytest.mark.parametrize(
+    "text,task,n",
+    [
+        ("a circle", "single_object", 1),
+        ("A Red Circle.", "colors", 1),
+        ("a circle and a square", "two_object", 2),
+        ("three green triangles", "counting", 3),
+        ("a red circle to the left of a blue square", "position", 2),
+        ("an orange triangle below a purple square", "position", 2),
+        ("a red circle and a blue square", "color_attr", 2),
+    ],
+)
+def test_parse_task_types(text, task, n):
+    spec = parse_prompt(text)
+    assert spec.task == task and len(spec.objects) == n
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("a pink circle", "unknown word 'pink'"),
+        ("a red hexagon", "unknown word 'hexagon'"),
+        ("circle red a the", "malformed prompt"),
+        ("a red circle and a square", "colours one object but not the other"),
+        ("a red circle to the left of a red circle", "identical"),
+        ("a circle and a circle", "same shape twice"),
+    ],
+)
+def test_bad_prompts_have_clear_errors(text, needle):
+    with pytest.raises(PromptError, match=needle):
+        parse_prompt(text)
+    assert issubclass(PromptError, DiffalignError)
+
+
+def test_splits_are_disjoint_and_hold_out_combos():
+    s = prompt_splits()
+    for task in TASKS:
+        train, test, ood = set(s["train"][task]), set(s["test"][task]), set(s["ood"][task])
+        assert not (ood & (train | test))
+        if task not in ("single_object", "two_object"):
+            assert not (train & test)
+        for p in train | test:
+            assert not (parse_prompt(p).combos & HELD_OUT_COMBOS)
+        for p in ood:
+            assert parse_prompt(p).combos & HELD_OUT_COMBOS
+    assert prompt_splits() == prompt_splits()  # seeded, stable
+
+
+def test_eval_prompts_balanced_and_deterministic():
+    ps = eval_prompts("test", 60, seed=0)
+    assert ps == eval_prompts("test", 60, seed=0)
+    counts = {t: sum(parse_prompt(p).task == t for p in ps) for t in TASKS}
+    assert set(counts.values()) == {10}
+
+
+def test_render_is_deterministic_and_objects_do_not_overlap():
+    for i, p in enumerate(eval_prompts("train", 120, seed=1)):
+        a, objs = render(p, i)
+        b, _ = render(p, i)
+        assert np.array_equal(a, b)
+        masks = np.zeros((32, 32), int)
+        for o in objs:
+            masks[o.y0 : o.y0 + o.size, o.x0 : o.x0 + o.size] += 1
+        assert masks.max() <= 1
+        assert a.dtype == np.uint8 and a.shape == (32, 32, 3)
+
+
+def test_training_renders_avoid_held_out_combos():
+    for i in range(300):
+        _, objs = render("a circle", i)
+        assert ("orange", "circle") not in {(o.color, o.shape) for o in objs}
+
+
+def test_render_64_and_bad_size():
+    img, _ = render("three green triangles", 0, 64)
+    assert img.shape == (64, 64, 3)
+    assert verify(img, "three green triangles").score == 1.0
+    with pytest.raises(DiffalignError, match="image size 48 is not supported"):
+        render("a circle", 0, 48)
+
+
+def test_verifier_exact_on_5000_renders_and_never_fooled_by_near_misses():
+    import verifier  # benchmarks/verifier.py
+
+    r = verifier.run(renders=5000, near_misses=200)
+    print(r)
+    assert r["renders"] == 5000
+    assert r["render_pass_rate"] >= 0.999
+    assert set(r["render_pass_rate_by_task"]) == set(TASKS)
+    assert set(r["near_miss_fail_rate"]) == set(NEAR_MISS_KINDS)
+    assert all(v == 1.0 for v in r["near_miss_fail_rate"].values())
+
+
+def test_verdict_counts_for_each_near_miss_kind():
+    p = "a red circle to the left of a blue square"
+    img, objs = render(p, 5)
+    v = verify(img, p)
+    assert (v.score, v.partial, v.hallucinated, v.missing, v.misattributed) == (1.0, 1.0, 0, 0, 0)
+    v = verify(near_miss(p, 5, "object_removed"), p)
+    assert v.score == 0 and v.missing == 1 and v.hallucinated == 0
+    v = verify(near_miss(p, 5, "wrong_color"), p)
+    assert v.score == 0 and v.misattributed == 1 and v.missing == 0
+    v = verify(near_miss(p, 5, "extra_object"), p)
+    assert v.score == 0 and v.hallucinated == 1 and not v.constraints["no_extra"]
+    v = verify(near_miss(p, 5, "wrong_relation"), p)
+    assert v.score == 0 and v.constraints == {**v.constraints, "relation:left of": False}
+    assert v.partial == pytest.approx(3 / 4)
+
+
+def test_counting_partial_credit():
+    p = "three green triangles"
+    spec = parse_prompt(p)
+    objs = layout(spec, 3)
+    v = verify(draw(objs[:2]), p)
+    # constraints: 3 objects + no_extra; two objects present, third missing, no extras
+    assert v.partial == pytest.approx(3 / 4) and v.missing == 1 and v.score == 0
+
+
+def test_free_colour_prompt_accepts_any_colour():
+    for i in range(20):
+        img, objs = render("a triangle", i)
+        assert verify(img, "a triangle").score == 1.0
+
+
+def test_verifier_tolerates_mild_noise_but_not_blank():
+    img, _ = render("a blue square and a yellow circle", 2)
+    noisy = np.clip(img.astype(float) + np.random.default_rng(0).normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+    assert verify(noisy, "a blue square and a yellow circle").score == 1.0
+    blank = np.full_like(img, 255)
+    v = verify(blank, "a blue square and a yellow circle")
+    assert v.score == 0 and v.missing == 2 and detect(blank) == []
+
+
+def test_tensor_and_batch_interfaces_agree():
+    ps = eval_prompts("test", 12, seed=4)
+    imgs = render_batch(ps, list(range(12)))
+    assert imgs.shape == (12, 3, 32, 32) and imgs.dtype == torch.float32 and 0 <= imgs.min() and imgs.max() <= 1
+    vb = verify_batch(imgs, ps)
+    assert [v.score for v in vb] == [verify(imgs[i], ps[i]).score for i in range(12)] == [1.0] * 12
