@@ -101,6 +101,51 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def resolve_preset(name: str) -> Path:
+    """A preset path, or a name such as ``flow_grpo`` / ``shapes/flow_grpo`` looked up in configs/."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / "shapes" / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    known = sorted(str(q.relative_to(CONFIG_DIR)) for q in CONFIG_DIR.rglob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise DiffalignError(f"preset {name!r} not found; give a YAML path or one of: {', '.join(known)}")
+
+
+def _cmd_train(args) -> int:
+    from diffalign.config import load_config
+    from diffalign.training.trainer import TrainConfig, Trainer
+
+    presets = [i for i in args.items if "=" not in i]
+    args.overrides = [i for i in args.items if "=" in i]
+    if len(presets) > 1:
+        raise DiffalignError(f"give one preset, got {presets}")
+    args.preset = presets[0] if presets else None
+    if args.resume and args.preset:
+        raise DiffalignError("--resume continues a run with its saved config; do not also give a preset")
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.yaml").exists():
+            raise DiffalignError(f"--resume {run}: not a run directory (no config.yaml)")
+        cfg = load_config(TrainConfig, run / "config.yaml", args.overrides)
+        trainer = Trainer(cfg, run, resume=True)
+    else:
+        if not args.preset:
+            raise DiffalignError("give a preset, e.g. 'diffalign train flow_grpo', or --resume RUN_DIR")
+        preset = resolve_preset(args.preset)
+        cfg = load_config(TrainConfig, preset, args.overrides)
+        out = Path(args.out) if args.out else Path("runs") / f"{preset.stem}-seed{cfg.seed}"
+        trainer = Trainer(cfg, out)
+    print(f"run directory: {trainer.run.path}")
+    summary = trainer.train()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("overrides", nargs="*", help="key=value settings, e.g. steps=2000 batch_size=64")
     p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("train", help="RL fine-tuning from a preset (configs/shapes/*.yaml)")
+    p.add_argument("items", nargs="*", metavar="PRESET [key=value ...]",
+                   help="preset name or YAML path (e.g. flow_grpo), then key=value overrides "
+                        "(e.g. epochs=10 grpo.clip_range=1e-3)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<preset>-seed<seed>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run exactly")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="generate images with the Euler ODE sampler and verify them")
     p.add_argument("--prompt", action="append", help="a ShapesWorld prompt (repeatable)")
@@ -129,7 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (argparse stops positionals at the first option)
+    bad = [e for e in extra if "=" not in e or e.startswith("-")]
+    if bad or (extra and not hasattr(args, "items") and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        if hasattr(args, "items"):
+            args.items = list(args.items) + extra
+        else:
+            args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except DiffalignError as e:

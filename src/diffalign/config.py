@@ -111,7 +111,19 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+def _plain(value: Any) -> Any:
+    """A deep copy with override wrappers replaced by their parsed values."""
+    if isinstance(value, _Override):
+        return value.parsed
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return copy.deepcopy(value)
+
+
 def _describe_value(value: Any) -> str:
+    value = _plain(value)
     return f"{value!r} ({type(value).__name__})"
 
 
@@ -138,7 +150,7 @@ def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
     if isinstance(value, _Override):
         value = value.raw if tp is str and _is_plain_scalar(value.parsed) else value.parsed
     if tp is Any or tp is object:
-        return copy.deepcopy(value)
+        return _plain(value)
     if _is_dataclass_type(tp):
         return _coerce_dataclass(value, tp, key, default)
     if origin in (list, tuple, dict) or tp in (list, tuple, dict):
@@ -166,8 +178,11 @@ def _coerce_union(value: Any, tp: Any, key: str, default: Any) -> Any:
             return _coerce(value, member, key, default)
         except _Problem as p:
             problems.append(p)
-    if len(problems) == 1:  # X | None: report X's own (more specific) message
-        raise problems[0]
+    if len(problems) == 1:  # X | None: keep X's more specific hint
+        p = problems[0]
+        if p.key == key:
+            p.message = p.message.replace(f"expects {_type_name(members[0])}", f"expects {_type_name(tp)}", 1)
+        raise p
     raise _bad(key, tp, parsed)
 
 
@@ -201,7 +216,7 @@ def _coerce_container(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise _bad(key, tp, value, f"Write a mapping, e.g. {key}={{a: 1}}.")
         if not args:
-            return copy.deepcopy(dict(value))
+            return _plain(dict(value))
         return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
         raise _bad(key, tp, value, f"Write a YAML list, e.g. {key}=[1,2].")
@@ -213,7 +228,7 @@ def _coerce_container(value: Any, tp: Any, key: str) -> Any:
 
 def _coerce_tuple(value: Sequence, tp: Any, key: str, args: tuple) -> tuple:
     if not args:
-        return tuple(copy.deepcopy(list(value)))
+        return tuple(_plain(list(value)))
     if len(args) == 2 and args[1] is Ellipsis:
         return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if len(value) != len(args):
@@ -300,7 +315,7 @@ def _field_default(f: dataclasses.Field) -> Any:
 def _unknown_key(cls: type, name: str, prefix: str) -> _Problem:
     valid = list(_init_fields(cls))
     match = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
-    hint = f" Did you mean {prefix}{match[0]!r}?" if match else ""
+    hint = f" Did you mean {prefix + match[0]!r}?" if match else ""
     section = f"section {prefix[:-1]!r} ({cls.__name__})" if prefix else cls.__name__
     return _Problem(
         f"{prefix}{name}",
@@ -533,18 +548,20 @@ def field_docs(cls: type) -> dict[str, str]:
     return {f.name: docs[f.name] for f in dataclasses.fields(cls) if f.name in docs}
 
 
-def _rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+def _rows(cls: type, prefix: str = "", instance: Any = None) -> list[tuple[str, str, str, str]]:
+    """One row per field; nested sections show the defaults of the parent's default instance."""
     rows = []
     docs, hints = field_docs(cls), _hints(cls)
     for name, f in _init_fields(cls).items():
-        tp, default = hints[name], _field_default(f)
+        tp = hints[name]
+        default = getattr(instance, name) if instance is not None else _field_default(f)
         shown = "(required)" if default is dataclasses.MISSING else repr(config_to_dict(default))
-        if _is_dataclass_type(tp):
-            shown = ""
         doc = " ".join(docs.get(name, "").split())
-        rows.append((prefix + name, _type_name(tp), shown, doc))
         if _is_dataclass_type(tp):
-            rows += _rows(tp, f"{prefix}{name}.")
+            rows.append((prefix + name, _type_name(tp), "", doc))
+            rows += _rows(tp, f"{prefix}{name}.", default if isinstance(default, tp) else None)
+        else:
+            rows.append((prefix + name, _type_name(tp), shown, doc))
     return rows
 
 

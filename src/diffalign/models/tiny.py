@@ -51,12 +51,13 @@ class TinyFlowPolicy(nn.Module):
             unet = inject_adapter_in_model(cfg, unet)
             for n, p in unet.named_parameters():
                 p.requires_grad_("lora_" in n)
-            self._base_state = None
+            self._base_params = None
         else:
             # Full fine-tuning: keep a frozen copy of the base weights as the reference.
-            self._base_state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+            self._base_params = {k: v.detach().clone() for k, v in unet.named_parameters()}
         self.unet = unet
         self._snapshots: dict[str, dict[str, torch.Tensor]] = {}
+        self._override: dict[str, torch.Tensor] | None = None
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -113,7 +114,10 @@ class TinyFlowPolicy(nn.Module):
         return (3, height, width)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.unet(x, t, cond.tokens, cond.mask, cond.pooled)
+        args = (x, t, cond.tokens, cond.mask, cond.pooled)
+        if self._override:
+            return torch.func.functional_call(self.unet, self._override, args, strict=False)
+        return self.unet(*args)
 
     def predict(self, x: torch.Tensor, t, cond: Conditioning, guidance_scale: float = 1.0) -> torch.Tensor:
         """Velocity ``v̂(x, σ=t)``; with ``guidance_scale != 1`` CFG in one batched forward:
@@ -162,7 +166,7 @@ class TinyFlowPolicy(nn.Module):
                 for m in layers:
                     m.enable_adapters(True)
         else:
-            with self._swapped(self._base_state):
+            with self._swapped(self._base_params):
                 yield
 
     def save_snapshot(self, name: str) -> None:
@@ -205,19 +209,12 @@ class TinyFlowPolicy(nn.Module):
 
     @contextlib.contextmanager
     def _swapped(self, values: dict[str, torch.Tensor]) -> Iterator[None]:
-        params = dict(self.unet.named_parameters())
-        buffers = dict(self.unet.named_buffers())
-        current = {}
-        with torch.no_grad():
-            for k, v in values.items():
-                target = params.get(k, buffers.get(k))
-                if target is None:
-                    continue
-                current[k] = target.detach().clone()
-                target.copy_(v)
+        """Run forwards with ``values`` in place of the named parameters. Nothing is written
+        in place (``torch.func.functional_call``), so a pending autograd graph of the
+        trainable parameters stays valid."""
+        previous = self._override
+        self._override = {**(previous or {}), **values}
         try:
             yield
         finally:
-            with torch.no_grad():
-                for k, v in current.items():
-                    params.get(k, buffers.get(k)).copy_(v)
+            self._override = previous

@@ -1,0 +1,16 @@
+"""Rewards: protocol, registry and the built-in rewards."""
+
+from diffalign.rewards import jpeg as _jpeg  # noqa: F401  (registers the JPEG rewards)
+from diffalign.rewards import verifier as _verifier  # noqa: F401  (registers shapes_verifier)
+from diffalign.rewards.base import (
+    Reward,
+    RewardError,
+    RewardOutput,
+    available_rewards,
+    build_reward,
+    checked_call,
+    register_reward,
+)
+
+__all__ = ["Reward", "RewardError", "RewardOutput", "available_rewards", "build_reward", "checked_call",
+           "register_reward"]

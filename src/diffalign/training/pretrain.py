@@ -22,7 +22,7 @@ from diffalign.models.checkpoint import load_unet, save_unet
 from diffalign.models.text import shared_text_encoder
 from diffalign.models.tiny import TinyFlowPolicy
 from diffalign.models.unet import FlowUNet, UNetConfig
-from diffalign.world.grammar import TASKS, eval_prompts, prompt_splits
+from diffalign.world.grammar import TASKS, prompt_splits
 from diffalign.world.render import check_size, render
 
 
@@ -127,18 +127,12 @@ def _load_state(out: Path):
     return state, model, ema_model.state_dict(), torch.load(ck / "optimizer.pt", weights_only=True)
 
 
-@torch.no_grad()
 def quick_eval(unet: FlowUNet, image_size: int, n: int = 48, steps: int = 20, cfg_scale: float = 4.5,
-               split: str = "test") -> tuple[dict, torch.Tensor, list[str], list]:
-    """Verifier score of ``n`` test-prompt samples (task-balanced, fixed seeds)."""
-    from diffalign.sampling.generate import generate
-    from diffalign.world.verify import verify_batch
+               split: str = "test"):
+    """Verifier score of ``n`` task-balanced ``split`` samples with fixed seeds."""
+    from diffalign.evaluation.quick import evaluate_policy
 
-    policy = TinyFlowPolicy(unet.eval(), image_size)
-    prompts = eval_prompts(split, n, seed=0)
-    images = generate(policy, prompts, list(range(n)), steps=steps, cfg=cfg_scale)
-    verdicts = verify_batch(images, prompts)
-    return {"score": float(np.mean([v.score for v in verdicts]))}, images, prompts, verdicts
+    return evaluate_policy(TinyFlowPolicy(unet.eval(), image_size), split, n, steps=steps, guidance_scale=cfg_scale)
 
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, console=None) -> Path:

@@ -1,0 +1,344 @@
+"""The RL training loop: sample → score → advantages → update, per epoch.
+
+Every random draw of epoch ``e`` (prompts, initial and SDE noise, step orders) comes from
+generators seeded with ``(seed, e)``; with the policy, optimizer, snapshots, algorithm
+state and ``e`` saved in each checkpoint, ``--resume`` continues *exactly* (same losses as
+an uninterrupted run on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffalign.algorithms.flow_grpo import GRPO, GRPOConfig
+from diffalign.config import config_to_dict, load_config, save_config
+from diffalign.errors import CheckpointError, ConfigError
+from diffalign.evaluation.grid import save_grid
+from diffalign.models.tiny import TinyFlowPolicy
+from diffalign.rewards import build_reward, checked_call
+from diffalign.sampling.rollout import RolloutConfig, Trajectory, rollout
+from diffalign.training.rundir import (
+    MetricsLogger,
+    RunDir,
+    capture_rng,
+    latest_step,
+    load_checkpoint,
+    read_metrics,
+    restore_rng,
+    save_checkpoint,
+)
+from diffalign.world.grammar import TASKS, prompt_splits
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation on held-out prompts (fixed prompts and seeds)."""
+
+    every: int = 5
+    """Epochs between evaluations (0 = only at the end)."""
+    num_images: int = 64
+    """Images per evaluation (task-balanced prompts, one image each)."""
+    split: str = "test"
+    """Prompt split: test or ood."""
+    steps: int = 20
+    """ODE sampler steps."""
+    guidance_scale: float = 4.5
+    """CFG weight at evaluation."""
+    use_ema: bool = True
+    """Evaluate the EMA weights (if ema_decay > 0) rather than the raw policy."""
+
+
+@dataclass
+class TrainConfig:
+    """An RL fine-tuning run (ShapesWorld tiny model). Units in each docstring."""
+
+    algorithm: str = "flow_grpo"
+    """Algorithm name (flow_grpo, dance_grpo, ddpo)."""
+    model: str | None = None
+    """Tiny-model checkpoint to fine-tune (None = the shipped ShapesWorld base)."""
+    seed: int = 0
+    """Seed of every random draw."""
+    epochs: int = 30
+    """Sample → update iterations."""
+    prompts_per_epoch: int = 8
+    """Prompt groups sampled per epoch."""
+    group_size: int = 8
+    """Images per prompt (K)."""
+    prompt_split: str = "train"
+    """Split the training prompts come from."""
+    reward: str = "shapes_verifier"
+    """Registered reward name."""
+    reward_kwargs: dict = field(default_factory=lambda: {"mode": "partial"})
+    """Keyword arguments of the reward."""
+    async_reward: bool = True
+    """Score each rollout chunk in a background thread while the next chunk samples."""
+    lora_rank: int = 0
+    """LoRA rank (0 = full fine-tuning)."""
+    lora_alpha: float | None = None
+    """LoRA alpha (None = rank)."""
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    ema_decay: float = 0.0
+    """EMA of the trainable weights for evaluation (0 = off)."""
+    threads: int = 0
+    """torch threads (0 = default)."""
+    ckpt_every: int = 5
+    """Epochs between checkpoints (the last epoch always saves)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampler used for rollouts."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """PPO-clip update settings."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic evaluation."""
+
+    def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"unknown algorithm {self.algorithm!r}; available: {', '.join(sorted(ALGORITHMS))}")
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be at least 2 for group advantages, got {self.group_size}")
+        if self.prompt_split not in ("train", "test", "ood") or self.eval.split not in ("train", "test", "ood"):
+            raise ConfigError("prompt_split and eval.split must be train, test or ood")
+
+
+ALGORITHMS = {"flow_grpo", "dance_grpo", "ddpo"}
+
+
+def build_algorithm(cfg: TrainConfig) -> GRPO:
+    return GRPO(cfg.grpo, autocast_bf16=cfg.rollout.autocast_bf16)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+
+
+def sample_prompts(cfg: TrainConfig, epoch: int) -> tuple[list[str], torch.Tensor]:
+    """Group-contiguous prompts for one epoch: ``prompts_per_epoch`` task-balanced prompts × K."""
+    rng = np.random.default_rng([cfg.seed, epoch, 1])
+    split = prompt_splits()[cfg.prompt_split]
+    tasks = [t for t in TASKS if split[t]]
+    chosen = []
+    for _ in range(cfg.prompts_per_epoch):
+        pool = split[tasks[rng.integers(len(tasks))]]
+        chosen.append(pool[rng.integers(len(pool))])
+    prompts = [p for p in chosen for _ in range(cfg.group_size)]
+    group_ids = torch.arange(cfg.prompts_per_epoch).repeat_interleave(cfg.group_size)
+    return prompts, group_ids
+
+
+def cat_trajectories(parts: list[Trajectory]) -> Trajectory:
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    cat = {name: torch.cat([getattr(p, name) for p in parts])
+           for name in ("group_ids", "latents", "log_probs", "x0_pred", "shared_noise", "images")}
+    return Trajectory(prompts=[q for p in parts for q in p.prompts], sigmas=first.sigmas, sde_mask=first.sde_mask,
+                      sampler=first.sampler, noise_level=first.noise_level, guidance_scale=first.guidance_scale,
+                      timesteps=first.timesteps, alpha_bars=first.alpha_bars, **cat)
+
+
+class Trainer:
+    """Runs a :class:`TrainConfig` in a run directory."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, console=None):
+        cfg.validate()
+        self.cfg = cfg
+        self.console = console
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.run = RunDir(run_dir)
+        if resume:
+            self.run.open()
+        else:
+            self.run.create(config_to_dict(cfg))
+        torch.manual_seed(cfg.seed)
+        self.policy = TinyFlowPolicy.from_checkpoint(cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+        self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.lr,
+                                           betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        self.algo = build_algorithm(cfg)
+        self.reward = build_reward(cfg.reward, **cfg.reward_kwargs)
+        self.eval_reward = build_reward("shapes_verifier", mode="score")
+        self.start_epoch, self.train_time = 0, 0.0
+        if cfg.ema_decay > 0:
+            self.policy.save_snapshot("ema")
+        if resume:
+            self._load()
+        self.logger: MetricsLogger = self.run.metrics_logger()
+        if resume:
+            self.logger.truncate_after(self.start_epoch)
+
+    # -- checkpoints -------------------------------------------------------------------
+    def _state(self, epoch: int) -> dict:
+        return {
+            "epoch": epoch,
+            "policy": {k: p.detach().clone() for k, p in self.policy.trainable_state().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "snapshots": self.policy.snapshot_state(),
+            "algorithm": self.algo.state_dict(),
+            "rng": capture_rng(),
+            "train_time": self.train_time,
+        }
+
+    def _load(self) -> None:
+        if latest_step(self.run) is None:
+            raise CheckpointError(f"{self.run.path} has no checkpoint to resume from")
+        state = load_checkpoint(self.run)
+        with torch.no_grad():
+            params = self.policy.trainable_state()
+            for k, v in state["policy"].items():
+                params[k].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.policy.load_snapshot_state(state["snapshots"])
+        self.algo.load_state_dict(state["algorithm"])
+        restore_rng(state["rng"])
+        self.start_epoch, self.train_time = state["epoch"], state["train_time"]
+
+    # -- phases ------------------------------------------------------------------------
+    def sample_and_score(self, prompts: list[str], group_ids: torch.Tensor, gen: torch.Generator):
+        """Rollout in chunks of whole groups; each chunk is scored in a worker thread while
+        the next one samples (the reward overlaps sampling when it is slow)."""
+        cfg = self.cfg
+        groups_per_chunk = max(1, cfg.rollout.batch_size // cfg.group_size)
+        chunk = groups_per_chunk * cfg.group_size
+        parts, futures = [], []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for s in range(0, len(prompts), chunk):
+                traj = rollout(self.policy, prompts[s : s + chunk], group_ids[s : s + chunk], cfg.rollout,
+                               generator=gen)
+                parts.append(traj)
+                meta = [{"group": int(g)} for g in traj.group_ids]
+                if cfg.async_reward:
+                    futures.append(pool.submit(checked_call, self.reward, traj.images, traj.prompts, meta))
+                else:
+                    futures.append(_Done(checked_call(self.reward, traj.images, traj.prompts, meta)))
+            outs = [f.result() for f in futures]
+        traj = cat_trajectories(parts)
+        rewards = torch.cat([o.scores for o in outs])
+        details = {k: torch.cat([o.details[k] for o in outs]) for k in outs[0].details}
+        return traj, rewards, details
+
+    @torch.no_grad()
+    def evaluate(self, tag: str, num_images: int | None = None) -> dict:
+        from diffalign.evaluation.quick import evaluate_policy
+
+        e = self.cfg.eval
+        ctx = self.policy.use_snapshot("ema") if (e.use_ema and self.policy.has_snapshot("ema")) else _null()
+        with ctx:
+            res, images, prompts, verdicts = evaluate_policy(self.policy, e.split, num_images or e.num_images,
+                                                             steps=e.steps, guidance_scale=e.guidance_scale)
+        save_grid(images[:64], self.run.samples_dir / f"{tag}.png", ncol=8, captions=prompts[:64],
+                  marks=[v.score == 1.0 for v in verdicts[:64]])
+        return res
+
+    # -- the loop ----------------------------------------------------------------------
+    def train(self) -> dict:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        cfg = self.cfg
+        if self.start_epoch == 0:
+            base = self.evaluate("epoch0000")
+            self.logger.log(0, {f"eval/{k}": v for k, v in base.items()} | {"train_time_s": 0.0})
+        columns = (TextColumn("[bold]{task.fields[algo]}"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
+                   TextColumn("{task.fields[phase]:>8}"), TextColumn("reward {task.fields[reward]:.3f}"),
+                   TextColumn("eval {task.fields[score]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=self.console) as bar:
+            task = bar.add_task("train", total=cfg.epochs, completed=self.start_epoch, algo=cfg.algorithm,
+                                phase="", reward=float("nan"), score="-")
+            for epoch in range(self.start_epoch, cfg.epochs):
+                t0 = time.perf_counter()
+                gen = epoch_generator(cfg.seed, epoch)
+                bar.update(task, phase="sample")
+                prompts, group_ids = sample_prompts(cfg, epoch)
+                self.policy.eval()
+                traj, rewards, details = self.sample_and_score(prompts, group_ids, gen)
+                bar.update(task, phase="update")
+                adv, adv_metrics = self.algo.advantages(rewards, traj.group_ids.cpu(), traj.prompts)
+                self.policy.train()
+                metrics = self.algo.update(self.policy, self.optimizer, traj, adv, gen)
+                if cfg.ema_decay > 0:
+                    self.policy.ema_snapshot("ema", cfg.ema_decay)
+                self.train_time += time.perf_counter() - t0
+                done = epoch + 1
+                row = {"reward": float(rewards.mean()), "train_time_s": self.train_time, **adv_metrics,
+                       **{f"reward/{k}": float(v.mean()) for k, v in details.items()}, **metrics}
+                if (cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.epochs:
+                    bar.update(task, phase="eval")
+                    res = self.evaluate(f"epoch{done:04d}")
+                    row |= {f"eval/{k}": v for k, v in res.items()}
+                    bar.update(task, score=f"{res['score']:.3f}")
+                self.logger.log(done, row)
+                if done % cfg.ckpt_every == 0 or done == cfg.epochs:
+                    save_checkpoint(self.run, done, self._state(done))
+                bar.update(task, completed=done, reward=row["reward"], phase="")
+        self.logger.close()
+        final = {"epochs": cfg.epochs, "train_time_s": self.train_time}
+        rows = read_metrics(self.run.metrics_path)
+        evals = [r for r in rows if "eval/score" in r]
+        if evals:
+            final |= {"base_score": evals[0]["eval/score"], "final_score": evals[-1]["eval/score"]}
+        plot_curves(self.run.path, rows)
+        (self.run.path / "summary.json").write_text(json.dumps(final, indent=2))
+        return final
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def plot_curves(run_path: Path, rows: list[dict]) -> Path | None:
+    """``curves.png``: eval score and training reward vs epoch and vs training wall-clock."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = [r for r in rows if "eval/score" in r]
+    tr = [r for r in rows if "reward" in r]
+    if not ev and not tr:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, x in zip(axes, ("step", "train_time_s"), strict=True):
+        scale = 60.0 if x == "train_time_s" else 1.0
+        if ev:
+            ax.plot([r.get(x, 0) / scale for r in ev], [r["eval/score"] for r in ev], "o-", label="eval verifier score")
+        if tr:
+            ax.plot([r.get(x, 0) / scale for r in tr], [r["reward"] for r in tr], alpha=0.6, label="train reward")
+        ax.set_xlabel("epoch" if x == "step" else "training wall-clock (min)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(run_path.name)
+    fig.tight_layout()
+    out = run_path / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def load_train_config(preset: str | None, overrides: list[str]) -> TrainConfig:
+    return load_config(TrainConfig, preset, overrides)
+
+
+def save_resolved_config(cfg: TrainConfig, path: Path) -> None:
+    save_config(cfg, path)
