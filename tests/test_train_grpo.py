@@ -143,3 +143,31 @@ def test_summary_written(tmp_path, tiny_model):
     Trainer(_cfg(tiny_model, "epochs=2"), run).train()
     s = json.loads((run / "summary.json").read_text())
     assert {"base_score", "final_score", "train_time_s"} <= set(s)
+
+
+def test_consistent_rft_with_both_parts_off_equals_flow_grpo_bit_for_bit(tmp_path, tiny_model):
+    a, b = tmp_path / "grpo", tmp_path / "crft"
+    Trainer(_cfg(tiny_model, "epochs=2"), a).train()
+    crft = load_config(TrainConfig, "configs/shapes/consistent_rft.yaml", [
+        f"model={tiny_model}", "epochs=2", "prompts_per_epoch=2", "group_size=4", "rollout.steps=3",
+        "eval.num_images=6", "eval.steps=2", "eval.every=2", "ckpt_every=1", "grpo.minibatch_size=4",
+        "grpo.clip_range=0.2", "lr=1e-3", "reward=jpeg_incompressibility", "reward_kwargs={}",
+        "cpgo.weight=0", "dgr.mode=off"])
+    Trainer(crft, b).train()
+    assert _losses(a) == _losses(b)
+    pa, pb = load_checkpoint(a)["policy"], load_checkpoint(b)["policy"]
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_consistent_rft_runs_and_logs_granularity(tmp_path, tiny_model):
+    run = tmp_path / "crft"
+    cfg = load_config(TrainConfig, "configs/shapes/consistent_rft.yaml", [
+        f"model={tiny_model}", "epochs=2", "prompts_per_epoch=4", "group_size=2", "rollout.steps=3",
+        "eval.num_images=4", "eval.steps=2", "grpo.minibatch_size=8", "reward=jpeg_incompressibility",
+        "reward_kwargs={}", "cpgo.prob=1.0", "cpgo.sigma_gate=1.0", "dgr.rate=0.5"])
+    Trainer(cfg, run).train()
+    lines = [json.loads(x) for x in (run / "granularity.jsonl").read_text().splitlines()]
+    assert [ln["epoch"] for ln in lines] == [1, 2]
+    assert all(sorted(g["granularity"] for g in ln["groups"]) == ["coarse", "coarse", "fine", "fine"] for ln in lines)
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "cpgo_dist" in r]
+    assert rows and all(r["cpgo_dist"] > 0 and r["dgr/coarse_fraction"] == 0.5 for r in rows)

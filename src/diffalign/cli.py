@@ -146,6 +146,21 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from diffalign.evaluation.report import evaluate
+
+    if args.num_images <= 0 or args.steps <= 0:
+        raise DiffalignError("--num-images and --steps must be positive")
+    target = None if args.target in (None, "base") else args.target
+    if target is not None and not Path(target).exists():
+        raise DiffalignError(f"{target}: no such checkpoint file or run directory")
+    rep = evaluate(target, args.out, num_images=args.num_images, steps=args.steps, guidance_scale=args.cfg,
+                   splits=tuple(args.splits.split(",")))
+    print((Path(args.out) / "eval.md").read_text())
+    print(f"wrote {args.out}/eval.json, eval.md and grids ({rep['model']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>-seed<seed>)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run exactly")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint or run on test and out-of-domain prompts")
+    p.add_argument("target", nargs="?", default="base", help="checkpoint file, run directory, or 'base'")
+    p.add_argument("--out", default="eval", help="output directory for eval.json, eval.md and grids")
+    p.add_argument("--num-images", type=int, default=512, help="images per split")
+    p.add_argument("--steps", type=int, default=20, help="Euler ODE steps")
+    p.add_argument("--cfg", type=float, default=4.5, help="CFG scale")
+    p.add_argument("--splits", default="test,ood", help="comma-separated prompt splits")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("sample", help="generate images with the Euler ODE sampler and verify them")
     p.add_argument("--prompt", action="append", help="a ShapesWorld prompt (repeatable)")

@@ -16,7 +16,9 @@ noise scale without ``√(−dt)`` for ``flow_sde`` and the step's std for other
 the reference is the base model (adapters off), run without gradient.
 
 Extra per-step terms (ConsistentRFT's CPGO) plug in as ``regularizers``: callables
-``reg(traj, sample_idx, step_idx, x0_pred) -> (loss, metrics)`` added to the step's loss.
+``reg(traj, sample_idx, step_idx, x0_pred, generator) -> (loss, metrics)`` added to the
+step's loss. A ``granularity`` callable ``(epoch, num_groups, generator) -> (G,) bool | None``
+chooses per group whether the rollout shares one initial noise (ConsistentRFT's DGR).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from diffalign.errors import ConfigError
 from diffalign.sampling.rollout import Trajectory, recompute_step
 from diffalign.sampling.steps import flow_sde_noise_scale
 
-Regularizer = Callable[[Trajectory, Tensor, Tensor, Tensor], tuple[Tensor, dict[str, float]]]
+Regularizer = Callable[[Trajectory, Tensor, Tensor, Tensor, torch.Generator], tuple[Tensor, dict[str, float]]]
+Granularity = Callable[[int, int, torch.Generator], "Tensor | None"]
 
 
 @dataclass
@@ -119,11 +122,16 @@ class GRPO:
     name = "grpo"
 
     def __init__(self, config: GRPOConfig, regularizers: list[Regularizer] | None = None, *,
-                 autocast_bf16: bool = False):
+                 granularity: Granularity | None = None, autocast_bf16: bool = False):
         self.config = config
         self.regularizers = list(regularizers or [])
+        self.granularity = granularity
         self.autocast_bf16 = autocast_bf16
         self.tracker = PerPromptStatTracker(config.running_buffer, config.running_min_count)
+
+    def shared_groups(self, epoch: int, num_groups: int, generator: torch.Generator) -> Tensor | None:
+        """Per-group initial-noise sharing for this epoch's rollout (None: the rollout config decides)."""
+        return None if self.granularity is None else self.granularity(epoch, num_groups, generator)
 
     # -- advantages --------------------------------------------------------------------
     def advantages(self, rewards: Tensor, group_ids: Tensor, prompts: list[str]) -> tuple[Tensor, dict]:
@@ -157,7 +165,7 @@ class GRPO:
                 optimizer.zero_grad(set_to_none=True)
                 for j in range(n_steps):
                     k = order[idx, j]
-                    loss, m = self._step_loss(policy, traj, idx, k, advantages[idx], conds.index(idx))
+                    loss, m = self._step_loss(policy, traj, idx, k, advantages[idx], conds.index(idx), generator)
                     (loss / n_steps).backward()
                     for key, v in m.items():
                         sums[key] += float(v)
@@ -166,7 +174,7 @@ class GRPO:
                 optimizer.step()
         return {k: v / max(count, 1) for k, v in sums.items()}
 
-    def _step_loss(self, policy, traj: Trajectory, idx: Tensor, k: Tensor, adv: Tensor, cond):
+    def _step_loss(self, policy, traj: Trajectory, idx: Tensor, k: Tensor, adv: Tensor, cond, generator):
         c = self.config
         step, _, x0 = recompute_step(policy, traj, idx, k, cond=cond, autocast_bf16=self.autocast_bf16)
         loss, metrics = ppo_clip_loss(step.log_prob, traj.log_probs[idx, k], adv, c.clip_range)
@@ -179,7 +187,7 @@ class GRPO:
             loss = loss + c.beta_kl * kl
             metrics["kl"] = float(kl.detach())
         for reg in self.regularizers:
-            extra, m = reg(traj, idx, k, x0)
+            extra, m = reg(traj, idx, k, x0, generator)
             loss = loss + extra
             metrics.update({key: float(v) for key, v in m.items()})
         return loss, metrics

@@ -17,6 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffalign.algorithms.consistent_rft import (
+    CPGOConfig,
+    CPGORegularizer,
+    DGRConfig,
+    dgr_shared_groups,
+)
 from diffalign.algorithms.flow_grpo import GRPO, GRPOConfig
 from diffalign.config import config_to_dict, load_config, save_config
 from diffalign.errors import CheckpointError, ConfigError
@@ -93,12 +99,19 @@ class TrainConfig:
     """EMA of the trainable weights for evaluation (0 = off)."""
     threads: int = 0
     """torch threads (0 = default)."""
+    max_train_minutes: float | None = None
+    """Stop after the epoch in which training time (sampling + updates, not evaluation) passes
+    this budget (None = run all epochs). Budget-stopped runs are not bit-exact on resume."""
     ckpt_every: int = 5
     """Epochs between checkpoints (the last epoch always saves)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Sampler used for rollouts."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     """PPO-clip update settings."""
+    dgr: DGRConfig = field(default_factory=DGRConfig)
+    """ConsistentRFT's Dynamic Granularity Rollout (off by default)."""
+    cpgo: CPGOConfig = field(default_factory=CPGOConfig)
+    """ConsistentRFT's Consistent Policy Gradient Optimization (weight 0 = off)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Periodic evaluation."""
 
@@ -111,11 +124,14 @@ class TrainConfig:
             raise ConfigError("prompt_split and eval.split must be train, test or ood")
 
 
-ALGORITHMS = {"flow_grpo", "dance_grpo", "ddpo"}
+ALGORITHMS = {"flow_grpo", "dance_grpo", "ddpo", "consistent_rft"}
 
 
 def build_algorithm(cfg: TrainConfig) -> GRPO:
-    return GRPO(cfg.grpo, autocast_bf16=cfg.rollout.autocast_bf16)
+    """The GRPO family; ConsistentRFT adds its DGR granularity schedule and CPGO regularizer."""
+    regs = [CPGORegularizer(cfg.cpgo)] if cfg.cpgo.weight > 0 else []
+    gran = None if cfg.dgr.mode == "off" else (lambda e, g, gen: dgr_shared_groups(cfg.dgr, e, g, gen))
+    return GRPO(cfg.grpo, regs, granularity=gran, autocast_bf16=cfg.rollout.autocast_bf16)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -204,7 +220,8 @@ class Trainer:
         self.start_epoch, self.train_time = state["epoch"], state["train_time"]
 
     # -- phases ------------------------------------------------------------------------
-    def sample_and_score(self, prompts: list[str], group_ids: torch.Tensor, gen: torch.Generator):
+    def sample_and_score(self, prompts: list[str], group_ids: torch.Tensor, gen: torch.Generator,
+                         shared_groups: torch.Tensor | None = None):
         """Rollout in chunks of whole groups; each chunk is scored in a worker thread while
         the next one samples (the reward overlaps sampling when it is slow)."""
         cfg = self.cfg
@@ -213,8 +230,10 @@ class Trainer:
         parts, futures = [], []
         with ThreadPoolExecutor(max_workers=1) as pool:
             for s in range(0, len(prompts), chunk):
+                g0 = s // cfg.group_size
+                shared = None if shared_groups is None else shared_groups[g0 : g0 + groups_per_chunk]
                 traj = rollout(self.policy, prompts[s : s + chunk], group_ids[s : s + chunk], cfg.rollout,
-                               generator=gen)
+                               generator=gen, shared_groups=shared)
                 parts.append(traj)
                 meta = [{"group": int(g)} for g in traj.group_ids]
                 if cfg.async_reward:
@@ -240,6 +259,12 @@ class Trainer:
                   marks=[v.score == 1.0 for v in verdicts[:64]])
         return res
 
+    def _log_granularity(self, epoch: int, traj: Trajectory) -> None:
+        """``granularity.jsonl``: which groups were fine (shared noise) or coarse, per epoch."""
+        path = self.run.path / "granularity.jsonl"
+        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["epoch"] < epoch] if path.exists() else []
+        path.write_text("\n".join([*lines, _granularity_line(epoch, traj)]) + "\n")
+
     # -- the loop ----------------------------------------------------------------------
     def train(self) -> dict:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -254,13 +279,16 @@ class Trainer:
         with Progress(*columns, console=self.console) as bar:
             task = bar.add_task("train", total=cfg.epochs, completed=self.start_epoch, algo=cfg.algorithm,
                                 phase="", reward=float("nan"), score="-")
+            done = self.start_epoch
             for epoch in range(self.start_epoch, cfg.epochs):
                 t0 = time.perf_counter()
                 gen = epoch_generator(cfg.seed, epoch)
                 bar.update(task, phase="sample")
                 prompts, group_ids = sample_prompts(cfg, epoch)
                 self.policy.eval()
-                traj, rewards, details = self.sample_and_score(prompts, group_ids, gen)
+                shared = self.algo.shared_groups(epoch, cfg.prompts_per_epoch, gen)
+                traj, rewards, details = self.sample_and_score(prompts, group_ids, gen, shared)
+                self._log_granularity(epoch + 1, traj)
                 bar.update(task, phase="update")
                 adv, adv_metrics = self.algo.advantages(rewards, traj.group_ids.cpu(), traj.prompts)
                 self.policy.train()
@@ -269,19 +297,24 @@ class Trainer:
                     self.policy.ema_snapshot("ema", cfg.ema_decay)
                 self.train_time += time.perf_counter() - t0
                 done = epoch + 1
-                row = {"reward": float(rewards.mean()), "train_time_s": self.train_time, **adv_metrics,
+                row = {"reward": float(rewards.mean()), "train_time_s": self.train_time,
+                       "dgr/coarse_fraction": float((~traj.shared_noise).float().mean()), **adv_metrics,
                        **{f"reward/{k}": float(v.mean()) for k, v in details.items()}, **metrics}
-                if (cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.epochs:
+                out_of_time = cfg.max_train_minutes is not None and self.train_time >= 60 * cfg.max_train_minutes
+                last = done == cfg.epochs or out_of_time
+                if (cfg.eval.every and done % cfg.eval.every == 0) or last:
                     bar.update(task, phase="eval")
                     res = self.evaluate(f"epoch{done:04d}")
                     row |= {f"eval/{k}": v for k, v in res.items()}
                     bar.update(task, score=f"{res['score']:.3f}")
                 self.logger.log(done, row)
-                if done % cfg.ckpt_every == 0 or done == cfg.epochs:
+                if done % cfg.ckpt_every == 0 or last:
                     save_checkpoint(self.run, done, self._state(done))
                 bar.update(task, completed=done, reward=row["reward"], phase="")
+                if out_of_time:
+                    break
         self.logger.close()
-        final = {"epochs": cfg.epochs, "train_time_s": self.train_time}
+        final = {"epochs": done if cfg.epochs > self.start_epoch else cfg.epochs, "train_time_s": self.train_time}
         rows = read_metrics(self.run.metrics_path)
         evals = [r for r in rows if "eval/score" in r]
         if evals:
@@ -289,6 +322,16 @@ class Trainer:
         plot_curves(self.run.path, rows)
         (self.run.path / "summary.json").write_text(json.dumps(final, indent=2))
         return final
+
+
+def _granularity_line(epoch: int, traj: Trajectory) -> str:
+    first = traj.group_index()
+    prompts = {}
+    for i, g in enumerate(first.tolist()):
+        prompts.setdefault(g, traj.prompts[i])
+    return json.dumps({"epoch": epoch, "groups": [
+        {"group": g, "prompt": prompts[g], "granularity": "fine" if bool(traj.shared_noise[g]) else "coarse"}
+        for g in sorted(prompts)]})
 
 
 class _Done:

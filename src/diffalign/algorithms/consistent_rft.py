@@ -1,0 +1,117 @@
+"""ConsistentRFT = GRPO + Dynamic Granularity Rollout (DGR) + Consistent Policy Gradient
+Optimization (CPGO). ALGORITHMS.md §2; details follow the authors' code.
+
+DGR schedules the rollout's noise sources. A *fine-grained* group shares one initial noise
+``x_1`` (its images differ only by SDE noise: local-detail exploration); a *coarse-grained*
+group draws an independent ``x_1`` per image (global-semantics exploration). Per epoch:
+epoch ``e`` is coarse when ``(e mod P)/P ≥ 1 − ρ``; or per group: a fraction ``ρ`` of each
+epoch's groups is coarse.
+
+CPGO pulls the current policy's clean estimate at ``x_k`` towards the rollout policy's
+estimate one step later, a more stable prior::
+
+    L_c = λ · mean_i ‖x̂0_θ(x_k)_i − sg(x̂0_old(x_{k+1}))_i‖₂
+
+applied only at steps with ``σ_k ≤ gate``, each time with probability ``p``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from diffalign.errors import ConfigError
+from diffalign.sampling.rollout import Trajectory
+
+
+def cpgo_loss(x0_pred: Tensor, x0_target: Tensor, weight: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """CPGO consistency loss ``L_c = λ·mean_i ‖x̂0_θ,i − sg(target_i)‖₂`` (L2 norm per sample).
+
+    Args:
+        x0_pred: ``(B, ...)`` current policy's clean estimate ``x̂0_θ(x_k)`` (with gradient).
+        x0_target: ``(B, ...)`` the stored ``x̂0_old(x_{k+1})`` (detached here).
+        weight: ``λ``, a scalar or a per-sample ``(B,)`` weight (0 masks a sample out).
+
+    Returns:
+        ``(loss, metrics)`` with ``cpgo_dist`` (mean per-sample L2 distance, detached).
+    """
+    if x0_pred.shape != x0_target.shape:
+        raise ValueError(f"x0_pred {tuple(x0_pred.shape)} and x0_target {tuple(x0_target.shape)} differ in shape")
+    dist = (x0_pred.float() - x0_target.detach().float()).flatten(1).norm(dim=1)
+    w = torch.as_tensor(weight, dtype=dist.dtype, device=dist.device)
+    loss = (w * dist).mean()
+    return loss, {"cpgo_dist": dist.detach().mean(), "cpgo_loss": loss.detach()}
+
+
+@dataclass
+class DGRConfig:
+    """Dynamic Granularity Rollout."""
+
+    mode: Literal["off", "epoch", "group"] = "off"
+    """off: the rollout's own init_noise for every group; epoch: whole epochs coarse on a
+    period; group: a fraction of every epoch's groups coarse."""
+    period: int = 40
+    """P: schedule period in epochs (mode epoch)."""
+    rate: float = 0.25
+    """ρ: fraction of each period (mode epoch) or of each epoch's groups (mode group) that is coarse."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("off", "epoch", "group"):
+            raise ConfigError(f"dgr.mode={self.mode!r}; choose off, epoch or group")
+        if self.period < 1 or not 0 <= self.rate <= 1:
+            raise ConfigError(f"dgr.period must be >= 1 and dgr.rate in [0, 1]; got {self.period}, {self.rate}")
+
+
+def dgr_epoch_is_coarse(epoch: int, period: int, rate: float) -> bool:
+    """Epoch ``e`` is coarse-grained when ``(e mod P)/P ≥ 1 − ρ``."""
+    return (epoch % period) / period >= 1 - rate - 1e-12
+
+
+def dgr_shared_groups(config: DGRConfig, epoch: int, num_groups: int, generator: torch.Generator) -> Tensor | None:
+    """``(G,)`` bool: True = fine-grained (shared initial noise), False = coarse. None when DGR is off.
+
+    mode ``group`` marks ``round(ρ·G)`` groups coarse, chosen at random (from ``generator``)."""
+    if config.mode == "off":
+        return None
+    if config.mode == "epoch":
+        return torch.full((num_groups,), not dgr_epoch_is_coarse(epoch, config.period, config.rate))
+    n_coarse = round(config.rate * num_groups)
+    shared = torch.ones(num_groups, dtype=torch.bool)
+    shared[torch.randperm(num_groups, generator=generator)[:n_coarse]] = False
+    return shared
+
+
+@dataclass
+class CPGOConfig:
+    """Consistent Policy Gradient Optimization."""
+
+    weight: float = 0.0
+    """λ (0 = off: no extra forward work and no random draws, so the update is plain GRPO)."""
+    sigma_gate: float = 0.6
+    """Apply only at steps with σ_k ≤ this."""
+    prob: float = 0.2
+    """Probability of applying it at a given (sample, step)."""
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or not 0 <= self.prob <= 1:
+            raise ConfigError(f"cpgo.weight must be >= 0 and cpgo.prob in [0, 1]; got {self.weight}, {self.prob}")
+
+
+class CPGORegularizer:
+    """GRPO regularizer adding ``cpgo_loss`` on the gated, randomly selected (sample, step) pairs."""
+
+    def __init__(self, config: CPGOConfig):
+        self.config = config
+
+    def __call__(self, traj: Trajectory, idx: Tensor, k: Tensor, x0_pred: Tensor, generator: torch.Generator):
+        c = self.config
+        sigma = traj.sigmas.cpu()[k.cpu()]
+        draw = torch.rand(len(idx), generator=generator)
+        mask = (sigma <= c.sigma_gate + 1e-6) & (draw < c.prob)
+        target = traj.next_x0_pred()[idx.to(traj.latents.device), k.to(traj.latents.device)]
+        loss, metrics = cpgo_loss(x0_pred, target, c.weight * mask.to(x0_pred.device).float())
+        metrics["cpgo_applied"] = mask.float().mean()
+        return loss, metrics

@@ -1,0 +1,71 @@
+"""ConsistentRFT: DGR schedule, cpgo_loss, and equality with Flow-GRPO when both are off."""
+
+import pytest
+import torch
+
+from diffalign.algorithms.consistent_rft import (
+    CPGOConfig,
+    CPGORegularizer,
+    DGRConfig,
+    cpgo_loss,
+    dgr_epoch_is_coarse,
+    dgr_shared_groups,
+)
+
+
+def test_dgr_epoch_schedule_hand_checked():
+    # P = 10, rho = 0.2: epochs 8, 9 of every period are coarse
+    coarse = [e for e in range(25) if dgr_epoch_is_coarse(e, 10, 0.2)]
+    assert coarse == [8, 9, 18, 19]
+    # P = 40, rho = 0.1 (the published default): the last 4 epochs of every 40
+    assert [e for e in range(80) if dgr_epoch_is_coarse(e, 40, 0.1)] == [36, 37, 38, 39, 76, 77, 78, 79]
+    assert not any(dgr_epoch_is_coarse(e, 10, 0.0) for e in range(30))
+    assert all(dgr_epoch_is_coarse(e, 10, 1.0) for e in range(30))
+
+
+def test_dgr_shared_groups_modes():
+    g = torch.Generator().manual_seed(0)
+    assert dgr_shared_groups(DGRConfig(mode="off"), 3, 8, g) is None
+    fine = dgr_shared_groups(DGRConfig(mode="epoch", period=10, rate=0.2), 3, 8, g)
+    coarse = dgr_shared_groups(DGRConfig(mode="epoch", period=10, rate=0.2), 9, 8, g)
+    assert fine.all() and not coarse.any()
+    mixed = dgr_shared_groups(DGRConfig(mode="group", rate=0.25), 0, 8, g)
+    assert mixed.dtype == torch.bool and int((~mixed).sum()) == 2
+    with pytest.raises(ValueError, match="dgr.mode"):
+        DGRConfig(mode="sometimes")
+
+
+def test_cpgo_loss_hand_computed():
+    pred = torch.tensor([[3.0, 4.0], [1.0, 1.0]], requires_grad=True)
+    target = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    loss, m = cpgo_loss(pred, target, 0.5)
+    # per-sample L2 norms: 5 and 1; mean 3; times lambda 0.5
+    assert loss.item() == pytest.approx(1.5)
+    assert m["cpgo_dist"].item() == pytest.approx(3.0)
+    loss.backward()
+    # d/dpred of 0.5 * mean(norm): 0.5 * 0.5 * (pred - target) / norm
+    torch.testing.assert_close(pred.grad, torch.tensor([[0.15, 0.2], [0.0, -0.25]]))
+    loss_w, _ = cpgo_loss(pred.detach(), target, torch.tensor([1.0, 0.0]))
+    assert loss_w.item() == pytest.approx(2.5)  # second sample masked out: (5 + 0) / 2
+
+
+def test_cpgo_regularizer_gates_by_sigma_and_probability():
+    from diffalign.sampling.rollout import Trajectory
+
+    b, t = 4, 4
+    traj = Trajectory(prompts=["a circle"] * b, group_ids=torch.zeros(b, dtype=torch.long),
+                      latents=torch.randn(b, t + 1, 3, 2, 2), log_probs=torch.zeros(b, t),
+                      x0_pred=torch.randn(b, t, 3, 2, 2), sigmas=torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]),
+                      sde_mask=torch.ones(t, dtype=torch.bool), shared_noise=torch.ones(1, dtype=torch.bool),
+                      images=torch.zeros(b, 3, 2, 2), sampler="flow_sde", noise_level=0.7, guidance_scale=1.0)
+    idx, k = torch.arange(4), torch.tensor([0, 1, 2, 3])
+    pred = torch.randn(4, 3, 2, 2)
+    reg = CPGORegularizer(CPGOConfig(weight=1.0, sigma_gate=0.6, prob=1.0))
+    loss, m = reg(traj, idx, k, pred, torch.Generator().manual_seed(0))
+    # only steps with sigma <= 0.6 (k = 2, 3) count; targets are x0_pred at k+1, final latent for the last step
+    targets = torch.stack([traj.x0_pred[2, 3], traj.latents[3, -1]])
+    want = (pred[2:] - targets).flatten(1).norm(dim=1).sum() / 4
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert m["cpgo_applied"].item() == 0.5
+    reg0 = CPGORegularizer(CPGOConfig(weight=1.0, sigma_gate=0.6, prob=0.0))
+    assert reg0(traj, idx, k, pred, torch.Generator().manual_seed(0))[0].item() == 0.0
