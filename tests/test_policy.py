@@ -2,26 +2,16 @@
 
 import pytest
 import torch
+from tiny import SMALL, tiny_policy
 
 from diffalign.errors import CheckpointError, ConfigError
 from diffalign.models.checkpoint import load_unet, save_unet
 from diffalign.models.tiny import TinyFlowPolicy
-from diffalign.models.unet import FlowUNet, UNetConfig
-
-SMALL = UNetConfig(channels=(8, 16, 16), groups=4, emb_dim=32, heads=2)
-
-
-def _perturb(module):
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+from diffalign.models.unet import FlowUNet
 
 
 def make(lora_rank=0, seed=0):
-    torch.manual_seed(seed)
-    unet = FlowUNet(SMALL)
-    _perturb(unet)  # zero-initialised output layers would make every prediction 0
-    return TinyFlowPolicy(unet, 32, lora_rank=lora_rank)
+    return tiny_policy(seed, lora_rank)
 
 
 def test_predict_shapes_and_cfg_formula():
@@ -127,3 +117,12 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not match its recorded architecture"):
         load_unet(trunc)
     assert load_file(str(p))  # the good one loads
+
+
+def test_tiny_policy_satisfies_the_policy_protocol():
+    from diffalign.models import Policy
+    from diffalign.models.epsilon_view import EpsilonView
+
+    pol = make()
+    assert isinstance(pol, Policy) and pol.prediction == "flow"
+    assert EpsilonView(pol).prediction == "epsilon"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import tiny_policy
 
 from diffalign.errors import ConfigError
 from diffalign.models.tiny import TinyFlowPolicy
-from diffalign.models.unet import FlowUNet, UNetConfig
 from diffalign.sampling.rollout import RolloutConfig, Trajectory, recompute_step, rollout
 from diffalign.sampling.steps import ode_step
 
@@ -16,25 +16,6 @@ GROUPS = [0, 0, 0, 1, 1, 1]
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded (and avoid oversubscribing a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_policy(seed: int = 0) -> TinyFlowPolicy:
-    """A tiny UNet whose zero-initialised layers are randomised, so that ``v̂ ≠ 0``."""
-    torch.manual_seed(seed)
-    unet = FlowUNet(UNetConfig(channels=(8, 16, 16), groups=4, emb_dim=32, heads=2))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in unet.parameters():
-            if not bool(p.abs().sum()):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return TinyFlowPolicy(unet, 32)
 
 
 @pytest.fixture(scope="module")

@@ -4,26 +4,19 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_unet
 
 from diffalign.cli import main
 from diffalign.config import load_config
 from diffalign.models.checkpoint import load_unet, save_unet
-from diffalign.models.unet import FlowUNet, UNetConfig
 from diffalign.rewards import RewardError, RewardOutput, register_reward
 from diffalign.training.rundir import load_checkpoint, read_metrics
 from diffalign.training.trainer import TrainConfig, Trainer
 
-SMALL = UNetConfig(channels=(8, 16, 16), groups=4, emb_dim=32, heads=2)
-
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    unet = FlowUNet(SMALL)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return str(save_unet(tmp_path_factory.mktemp("m") / "tiny.safetensors", unet, 32))
+    return str(save_unet(tmp_path_factory.mktemp("m") / "tiny.safetensors", tiny_unet(0), 32))
 
 
 def _cfg(model, *extra):

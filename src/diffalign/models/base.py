@@ -1,0 +1,36 @@
+"""What samplers and algorithms see of a model (DESIGN.md contract)."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A text-to-image model as the samplers and algorithms use it.
+
+    Parameter sets: ``"policy"`` (trainable), ``"reference"`` (base, adapters off) entered
+    with ``reference()``, and named snapshots (``"old"``, ``"sampler"``, SePPO checkpoints)
+    swapped in by ``use_snapshot(name)``.
+    """
+
+    prediction: Literal["flow", "epsilon"]
+
+    def encode(self, prompts: list[str]) -> Any: ...  # cached, batched Conditioning
+
+    def predict(self, x: Tensor, t: Any, cond: Any, guidance_scale: float = 1.0) -> Tensor: ...
+
+    def decode(self, latents: Tensor) -> Tensor: ...  # images in [0, 1]
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]: ...
+
+    def reference(self) -> AbstractContextManager[None]: ...
+
+    def use_snapshot(self, name: str) -> AbstractContextManager[None]: ...
+
+    def save_snapshot(self, name: str) -> None: ...
+
+    def trainable_parameters(self) -> list: ...
