@@ -164,3 +164,42 @@ def test_consistent_rft_runs_and_logs_granularity(tmp_path, tiny_model):
     assert all(sorted(g["granularity"] for g in ln["groups"]) == ["coarse", "coarse", "fine", "fine"] for ln in lines)
     rows = [r for r in read_metrics(run / "metrics.jsonl") if "cpgo_dist" in r]
     assert rows and all(r["cpgo_dist"] > 0 and r["dgr/coarse_fraction"] == 0.5 for r in rows)
+
+
+def test_lora_training_moves_only_adapters_and_reference_stays_base(tmp_path, tiny_model):
+    run = tmp_path / "lora"
+    trainer = Trainer(_cfg(tiny_model, "epochs=2", "lora_rank=4", "ema_decay=0.5"), run)
+    trainer.train()
+    state = load_checkpoint(run)
+    assert state["policy"] and all("lora_" in k for k in state["policy"])
+    assert any(bool(v.abs().sum()) for k, v in state["policy"].items() if "lora_B" in k)  # B starts at zero
+    assert "ema" in state["snapshots"]
+    base, _, _ = load_unet(tiny_model)
+    x = torch.randn(2, 3, 32, 32)
+    cond = trainer.policy.encode(["a circle", "a square"])
+    with torch.no_grad():
+        want = base(x, torch.full((2,), 0.5), cond.tokens, cond.mask, cond.pooled)
+        with trainer.policy.reference():
+            torch.testing.assert_close(trainer.policy.predict(x, 0.5, cond), want)
+        assert not torch.allclose(trainer.policy.predict(x, 0.5, cond), want)
+
+
+@pytest.mark.parametrize("sampler", ["flow_sde", "dance_sde", "ddim"])
+def test_update_first_inner_step_is_on_policy(sampler):
+    from diffalign.algorithms.flow_grpo import GRPO, GRPOConfig
+    from diffalign.sampling.rollout import RolloutConfig, rollout
+    from tiny import tiny_policy
+
+    pol = tiny_policy(1)
+    prompts = ["a red circle"] * 4 + ["a square"] * 4
+    gids = torch.tensor([0] * 4 + [1] * 4)
+    traj = rollout(pol, prompts, gids, RolloutConfig(sampler=sampler, steps=3, noise_level=0.7 if sampler != "ddim" else 1.0),
+                   generator=torch.Generator().manual_seed(0))
+    algo = GRPO(GRPOConfig(clip_range=1e-4, beta_kl=0.04))
+    adv = torch.linspace(-1, 1, 8)
+    idx, k = torch.arange(8), torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    loss, m = algo._step_loss(pol, traj, idx, k, adv, pol.encode(prompts), torch.Generator())
+    assert abs(m["ratio_max"] - 1) < 1e-6 and abs(m["ratio_mean"] - 1) < 1e-6
+    assert m["clipfrac"] == 0.0
+    assert m["kl"] == pytest.approx(0.0, abs=1e-10)  # policy == reference before any update
+    assert m["policy_loss"] == pytest.approx(-adv.mean().item(), abs=1e-6)
