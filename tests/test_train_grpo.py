@@ -186,9 +186,10 @@ def test_lora_training_moves_only_adapters_and_reference_stays_base(tmp_path, ti
 
 @pytest.mark.parametrize("sampler", ["flow_sde", "dance_sde", "ddim"])
 def test_update_first_inner_step_is_on_policy(sampler):
+    from tiny import tiny_policy
+
     from diffalign.algorithms.flow_grpo import GRPO, GRPOConfig
     from diffalign.sampling.rollout import RolloutConfig, rollout
-    from tiny import tiny_policy
 
     pol = tiny_policy(1)
     prompts = ["a red circle"] * 4 + ["a square"] * 4
