@@ -135,8 +135,12 @@ def quick_eval(unet: FlowUNet, image_size: int, n: int = 48, steps: int = 20, cf
     return evaluate_policy(TinyFlowPolicy(unet.eval(), image_size), split, n, steps=steps, guidance_scale=cfg_scale)
 
 
-def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, console=None) -> Path:
-    """Run (or resume) pretraining into ``out_dir``; returns the final EMA checkpoint path."""
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, console=None,
+             stop_after: int | None = None) -> Path:
+    """Run (or resume) pretraining into ``out_dir``; returns the final EMA checkpoint path.
+
+    ``stop_after``: return after this step (as an interruption would), without the final
+    checkpoint; the last periodic checkpoint is what ``resume`` continues from."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from diffalign.evaluation.grid import save_grid
@@ -213,6 +217,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                 log.write(json.dumps({"step": done, "eval_score_test48": res["score"]}) + "\n")
                 log.flush()
                 bar.console.print(f"step {done}: verifier score on 48 test prompts = {res['score']:.3f}")
+            if stop_after is not None and done >= stop_after:
+                log.close()
+                return out / "checkpoint" / "ema.safetensors"
     log.close()
     final = out / "ema_final.safetensors"
     save_unet(final, model, cfg.image_size, {"steps": cfg.steps, "seed": cfg.seed,
