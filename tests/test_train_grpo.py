@@ -21,7 +21,7 @@ def tiny_model(tmp_path_factory):
 
 def _cfg(model, *extra):
     return load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
-        f"model={model}", "epochs=3", "prompts_per_epoch=2", "group_size=4", "rollout.steps=3", "rollout.sde_window=null",
+        f"model={model}", "lora_rank=0", "epochs=3", "prompts_per_epoch=2", "group_size=4", "rollout.steps=3", "rollout.sde_window=null",
         "eval.num_images=6", "eval.steps=2", "eval.every=2", "ckpt_every=1", "grpo.minibatch_size=4",
         "grpo.clip_range=0.2", "lr=1e-3",
         # a random tiny model draws no objects, so the verifier gives every image of a group the
@@ -142,7 +142,7 @@ def test_consistent_rft_with_both_parts_off_equals_flow_grpo_bit_for_bit(tmp_pat
     a, b = tmp_path / "grpo", tmp_path / "crft"
     Trainer(_cfg(tiny_model, "epochs=2"), a).train()
     crft = load_config(TrainConfig, "configs/shapes/consistent_rft.yaml", [
-        f"model={tiny_model}", "epochs=2", "prompts_per_epoch=2", "group_size=4", "rollout.steps=3", "rollout.sde_window=null",
+        f"model={tiny_model}", "lora_rank=0", "epochs=2", "prompts_per_epoch=2", "group_size=4", "rollout.steps=3", "rollout.sde_window=null",
         "eval.num_images=6", "eval.steps=2", "eval.every=2", "ckpt_every=1", "grpo.minibatch_size=4",
         "grpo.clip_range=0.2", "lr=1e-3", "reward=jpeg_incompressibility", "reward_kwargs={}",
         "cpgo.weight=0", "dgr.mode=off"])
