@@ -34,3 +34,11 @@ def test_existing_run_needs_resume_and_same_config(tmp_path):
         pretrain(PretrainConfig(steps=2, **TINY), tmp_path / "r")
     with pytest.raises(ConfigError, match="differs from the run's saved config"):
         pretrain(PretrainConfig(steps=2, **dict(TINY, batch_size=2)), tmp_path / "r", resume=True)
+
+
+def test_bf16_autocast_option_trains(tmp_path):
+    final = pretrain(PretrainConfig(steps=2, bf16=True, **TINY), tmp_path / "bf16")
+    weights = load_file(str(final))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+    losses = _losses(tmp_path / "bf16")
+    assert len(losses) == 2 and all(x == x for x in losses)
