@@ -7,49 +7,26 @@ exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from diffalign.errors import ConfigError, DiffalignError
-
-
-def _parse_overrides(cls, items: list[str]) -> dict:
-    """``key=value`` pairs checked against dataclass ``cls``; values parsed as YAML scalars."""
-    import yaml
-
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        k, v = item.split("=", 1)
-        if k not in fields:
-            raise ConfigError(f"unknown option {k!r}; valid options: {', '.join(sorted(fields))}")
-        out[k] = yaml.safe_load(v)
-    return out
+from diffalign.errors import DiffalignError
 
 
 def _cmd_pretrain(args) -> int:
     import torch
 
+    from diffalign.config import load_config
     from diffalign.training.pretrain import PretrainConfig, pretrain
 
-    overrides = _parse_overrides(PretrainConfig, args.overrides)
-    if args.resume:
-        saved = Path(args.out) / "config.json"
-        if not saved.exists():
-            raise DiffalignError(f"--resume: {args.out} is not a pretraining run directory (no config.json)")
-        base = json.loads(saved.read_text())
-        base.update(overrides)
-        cfg = PretrainConfig(**base)
-    else:
-        cfg = PretrainConfig(**overrides)
-    if isinstance(cfg.channels, list):
-        cfg.channels = tuple(cfg.channels)
+    saved = Path(args.out) / "config.json"
+    if args.resume and not saved.exists():
+        raise DiffalignError(f"--resume: {args.out} is not a pretraining run directory (no config.json)")
+    # config.json is valid YAML: a resumed run starts from its saved settings
+    cfg = load_config(PretrainConfig, saved if args.resume else None, args.overrides)
     print(f"pretraining into {args.out} (torch threads: {torch.get_num_threads()})")
     final = pretrain(cfg, args.out, resume=args.resume)
     print(f"done: {final}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from diffalign.algorithms.consistent_rft import (
     dgr_shared_groups,
 )
 from diffalign.algorithms.flow_grpo import GRPO, GRPOConfig
-from diffalign.config import config_to_dict, load_config, save_config
+from diffalign.config import config_to_dict
 from diffalign.errors import CheckpointError, ConfigError
 from diffalign.evaluation.grid import save_grid
 from diffalign.models.tiny import TinyFlowPolicy
@@ -251,7 +252,7 @@ class Trainer:
         from diffalign.evaluation.quick import evaluate_policy
 
         e = self.cfg.eval
-        ctx = self.policy.use_snapshot("ema") if (e.use_ema and self.policy.has_snapshot("ema")) else _null()
+        ctx = self.policy.use_snapshot("ema") if (e.use_ema and self.policy.has_snapshot("ema")) else nullcontext()
         with ctx:
             res, images, prompts, verdicts = evaluate_policy(self.policy, e.split, num_images or e.num_images,
                                                              steps=e.steps, guidance_scale=e.guidance_scale)
@@ -342,14 +343,6 @@ class _Done:
         return self.value
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def plot_curves(run_path: Path, rows: list[dict]) -> Path | None:
     """``curves.png``: eval score and training reward vs epoch and vs training wall-clock."""
     import matplotlib
@@ -377,11 +370,3 @@ def plot_curves(run_path: Path, rows: list[dict]) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def load_train_config(preset: str | None, overrides: list[str]) -> TrainConfig:
-    return load_config(TrainConfig, preset, overrides)
-
-
-def save_resolved_config(cfg: TrainConfig, path: Path) -> None:
-    save_config(cfg, path)
