@@ -177,7 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="grid.png", help="where to write the image grid")
     p.add_argument("--json", default=None, help="also write verdicts and speed as JSON here")
     p.set_defaults(func=_cmd_sample)
+
+    # `diffalign data ...`: dataset builders. Each module adds its own subcommand here
+    # (preference pairs, proxy-reward training pairs, ...).
+    p = sub.add_parser("data", help="build datasets (preference pairs, proxy-reward pairs)")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="KIND")
+    _add_data_commands(data_sub)
     return parser
+
+
+def _add_data_commands(data_sub) -> None:
+    """Register ``diffalign data KIND`` subcommands (one block per dataset kind)."""
 
 
 def main(argv: list[str] | None = None) -> int:
