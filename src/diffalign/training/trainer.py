@@ -25,6 +25,7 @@ from diffalign.algorithms.consistent_rft import (
     dgr_shared_groups,
 )
 from diffalign.algorithms.flow_grpo import GRPO, GRPOConfig
+from diffalign.algorithms.forward import CRDConfig, ForwardProcess, NFTConfig
 from diffalign.config import config_to_dict
 from diffalign.errors import CheckpointError, ConfigError
 from diffalign.evaluation.grid import save_grid
@@ -67,7 +68,7 @@ class TrainConfig:
     """An RL fine-tuning run (ShapesWorld tiny model). Units in each docstring."""
 
     algorithm: str = "flow_grpo"
-    """Algorithm name (flow_grpo, dance_grpo, ddpo)."""
+    """Algorithm name (flow_grpo, dance_grpo, ddpo, consistent_rft, crd, diffusion_nft)."""
     model: str | None = None
     """Tiny-model checkpoint to fine-tune (None = the shipped ShapesWorld base)."""
     seed: int = 0
@@ -113,6 +114,10 @@ class TrainConfig:
     """ConsistentRFT's Dynamic Granularity Rollout (off by default)."""
     cpgo: CPGOConfig = field(default_factory=CPGOConfig)
     """ConsistentRFT's Consistent Policy Gradient Optimization (weight 0 = off)."""
+    crd: CRDConfig = field(default_factory=CRDConfig)
+    """CRD's forward-process update (algorithm crd)."""
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    """DiffusionNFT's forward-process update (algorithm diffusion_nft)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Periodic evaluation."""
 
@@ -125,11 +130,16 @@ class TrainConfig:
             raise ConfigError("prompt_split and eval.split must be train, test or ood")
 
 
-ALGORITHMS = {"flow_grpo", "dance_grpo", "ddpo", "consistent_rft"}
+ALGORITHMS = {"flow_grpo", "dance_grpo", "ddpo", "consistent_rft", "crd", "diffusion_nft"}
 
 
-def build_algorithm(cfg: TrainConfig) -> GRPO:
-    """The GRPO family; ConsistentRFT adds its DGR granularity schedule and CPGO regularizer."""
+def build_algorithm(cfg: TrainConfig) -> GRPO | ForwardProcess:
+    """The GRPO family; ConsistentRFT adds its DGR granularity schedule and CPGO regularizer.
+    ``crd`` / ``diffusion_nft``: the forward-process update (clean-sample rollouts)."""
+    if cfg.algorithm == "crd":
+        return ForwardProcess("crd", cfg.crd, autocast_bf16=cfg.rollout.autocast_bf16)
+    if cfg.algorithm == "diffusion_nft":
+        return ForwardProcess("nft", cfg.nft, autocast_bf16=cfg.rollout.autocast_bf16)
     regs = [CPGORegularizer(cfg.cpgo)] if cfg.cpgo.weight > 0 else []
     gran = None if cfg.dgr.mode == "off" else (lambda e, g, gen: dgr_shared_groups(cfg.dgr, e, g, gen))
     return GRPO(cfg.grpo, regs, granularity=gran, autocast_bf16=cfg.rollout.autocast_bf16)
@@ -229,12 +239,13 @@ class Trainer:
         groups_per_chunk = max(1, cfg.rollout.batch_size // cfg.group_size)
         chunk = groups_per_chunk * cfg.group_size
         parts, futures = [], []
+        sample = getattr(self.algo, "rollout", rollout)  # forward-process: clean samples only
         with ThreadPoolExecutor(max_workers=1) as pool:
             for s in range(0, len(prompts), chunk):
                 g0 = s // cfg.group_size
                 shared = None if shared_groups is None else shared_groups[g0 : g0 + groups_per_chunk]
-                traj = rollout(self.policy, prompts[s : s + chunk], group_ids[s : s + chunk], cfg.rollout,
-                               generator=gen, shared_groups=shared)
+                traj = sample(self.policy, prompts[s : s + chunk], group_ids[s : s + chunk], cfg.rollout,
+                              generator=gen, shared_groups=shared)
                 parts.append(traj)
                 meta = [{"group": int(g)} for g in traj.group_ids]
                 if cfg.async_reward:
@@ -242,7 +253,7 @@ class Trainer:
                 else:
                     futures.append(_Done(checked_call(self.reward, traj.images, traj.prompts, meta)))
             outs = [f.result() for f in futures]
-        traj = cat_trajectories(parts)
+        traj = getattr(self.algo, "cat_rollouts", cat_trajectories)(parts)
         rewards = torch.cat([o.scores for o in outs])
         details = {k: torch.cat([o.details[k] for o in outs]) for k in outs[0].details}
         return traj, rewards, details
