@@ -23,14 +23,15 @@ resumed run continues the decay schedules exactly). With ``tie_snapshots`` one s
 ``old``, both samples and serves the implicit reward (DiffusionNFT's choice; CRD's ablation).
 
 Micro-batches hold whole prompt groups, so CRD's within-group centring never needs a gather;
-in multi-process runs each rank holds whole groups as well (DESIGN.md). All random draws come
-from the caller's generator.
+in multi-process runs each rank holds whole groups as well (DESIGN.md), and the gradients of
+each optimizer step are averaged over ranks before clipping. Every rank must then take the same
+number of optimizer steps: give each the same number of groups. All random draws come from
+the caller's generator.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -172,10 +173,7 @@ class ForwardProcess:
     """Forward-process update (``loss="crd"`` or ``"nft"``) on clean samples."""
 
     def __init__(self, loss: Literal["crd", "nft"], config: CRDConfig | NFTConfig, *,
-                 autocast_bf16: bool = False, grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None):
-        """``grad_sync(params)``, if given, runs after the last backward of each optimizer step and
-        before clipping (multi-process runs: average the gradients over ranks, each rank holding
-        whole prompt groups)."""
+                 autocast_bf16: bool = False):
         if loss not in ("crd", "nft"):
             raise ConfigError(f"forward-process loss must be 'crd' or 'nft'; got {loss!r}")
         want = CRDConfig if loss == "crd" else NFTConfig
@@ -184,7 +182,6 @@ class ForwardProcess:
         self.name = loss
         self.config = config
         self.autocast_bf16 = autocast_bf16
-        self.grad_sync = grad_sync
         self.old_schedule = make_decay_schedule(config.old_decay)
         self.sampler_schedule = make_decay_schedule(config.sampler_decay)
         self.step = 0
@@ -271,8 +268,6 @@ class ForwardProcess:
                         (loss * (len(mb_idx) / n) / c.timesteps_per_sample).backward()
                         log(metrics)
                 all_reduce_gradients(params)  # multi-process: average over ranks before clipping
-                if self.grad_sync is not None:
-                    self.grad_sync(params)
                 log({"grad_norm": float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm))})
                 optimizer.step()
                 if c.snapshot_update == "step":
