@@ -267,17 +267,15 @@ def broadcast_parameters(params: Sequence[Tensor], src: int = 0) -> None:
 def check_in_sync(params: Sequence[Tensor], what: str = "parameters") -> None:
     """Raise :class:`DistributedError` unless every rank holds bit-identical ``params``.
 
-    Compares a float64 fingerprint (position-weighted sums) of all tensors; one all-gather.
+    Compares a float64 fingerprint (plain and position-weighted absolute sums); one all-gather.
     """
     world = get_world()
     if not world.distributed:
         return
-    fp = torch.zeros(2, dtype=torch.float64)
-    for i, p in enumerate(params):
-        v = p.detach().double()
-        fp[0] += v.sum().cpu()
-        fp[1] += (i + 1) * v.abs().sum().cpu() + v.flatten()[:: max(1, v.numel() // 97)].sum().cpu()
-    prints = all_gather_tensor(fp.to(world.comm_device).unsqueeze(0)).cpu()
+    parts = [torch.stack([v.sum(), (i + 1) * v.abs().sum()]).to(world.comm_device)
+             for i, v in enumerate(p.detach().double() for p in params)]
+    fp = torch.stack(parts).sum(0) if parts else torch.zeros(2, dtype=torch.float64, device=world.comm_device)
+    prints = all_gather_tensor(fp.unsqueeze(0)).cpu()
     if not bool((prints == prints[0]).all()):
         raise DistributedError(f"{what} differ across ranks after the update (fingerprints {prints.tolist()}): the "
                                "update step must call diffalign.distributed.all_reduce_gradients(params) after its "

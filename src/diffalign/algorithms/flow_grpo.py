@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from diffalign.algorithms.grpo import flow_grpo_kl, grpo_advantages, ppo_clip_loss, zero_signal_fraction
+from diffalign.distributed import all_reduce_gradients
 from diffalign.errors import ConfigError
 from diffalign.sampling.rollout import Trajectory, recompute_step
 from diffalign.sampling.steps import flow_sde_noise_scale
@@ -170,6 +171,7 @@ class GRPO:
                     for key, v in m.items():
                         sums[key] += float(v)
                     count += 1
+                all_reduce_gradients(params)  # multi-process: average over ranks before clipping
                 sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)) * n_steps
                 optimizer.step()
         return {k: v / max(count, 1) for k, v in sums.items()}

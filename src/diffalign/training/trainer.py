@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,17 @@ from diffalign.algorithms.consistent_rft import (
 from diffalign.algorithms.flow_grpo import GRPO, GRPOConfig
 from diffalign.algorithms.forward import CRDConfig, ForwardProcess, NFTConfig
 from diffalign.config import config_to_dict
+from diffalign.distributed import (
+    all_gather_object,
+    all_gather_tensor,
+    broadcast_object,
+    broadcast_parameters,
+    check_in_sync,
+    init_distributed,
+    raise_if_any_failed,
+    run_on_main,
+    shard_groups,
+)
 from diffalign.errors import CheckpointError, ConfigError
 from diffalign.evaluation.grid import save_grid
 from diffalign.models.tiny import TinyFlowPolicy
@@ -76,7 +88,8 @@ class TrainConfig:
     epochs: int = 30
     """Sample → update iterations."""
     prompts_per_epoch: int = 8
-    """Prompt groups sampled per epoch."""
+    """Prompt groups sampled per epoch, over all processes (each of N processes rolls out
+    prompts_per_epoch / N whole groups)."""
     group_size: int = 8
     """Images per prompt (K)."""
     prompt_split: str = "train"
@@ -145,8 +158,16 @@ def build_algorithm(cfg: TrainConfig) -> GRPO | ForwardProcess:
     return GRPO(cfg.grpo, regs, granularity=gran, autocast_bf16=cfg.rollout.autocast_bf16)
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """Epoch ``epoch``'s generator; ``stream > 0`` gives independent ones (rank ``r``'s update draws)."""
+    entropy = [seed, epoch] if stream == 0 else [seed, epoch, 3, stream]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+
+def chunk_generator(base: int, first_group: int) -> torch.Generator:
+    """The rollout noise of a chunk of whole groups, keyed by the chunk's first (global) group id:
+    a group's images do not depend on the process that samples it."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([base, first_group]).generate_state(1)[0]))
 
 
 def sample_prompts(cfg: TrainConfig, epoch: int) -> tuple[list[str], torch.Tensor]:
@@ -183,13 +204,17 @@ class Trainer:
         self.console = console
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        # under torchrun / accelerate launch: one process per device, whole prompt groups per rank
+        self.world = init_distributed()
+        self.groups = shard_groups(cfg.prompts_per_epoch, self.world)
         self.run = RunDir(run_dir)
         if resume:
             self.run.open()
         else:
-            self.run.create(config_to_dict(cfg))
+            run_on_main(lambda: self.run.create(config_to_dict(cfg)) and None)
         torch.manual_seed(cfg.seed)
         self.policy = TinyFlowPolicy.from_checkpoint(cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+        broadcast_parameters(self.policy.trainable_parameters())  # every rank starts from rank 0's weights
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.lr,
                                            betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
         self.algo = build_algorithm(cfg)
@@ -200,7 +225,7 @@ class Trainer:
             self.policy.save_snapshot("ema")
         if resume:
             self._load()
-        self.logger: MetricsLogger = self.run.metrics_logger()
+        self.logger: MetricsLogger = self.run.metrics_logger() if self.world.is_main else _NoLogger()
         if resume:
             self.logger.truncate_after(self.start_epoch)
 
@@ -215,6 +240,9 @@ class Trainer:
             "rng": capture_rng(),
             "train_time": self.train_time,
         }
+
+    def _save(self, epoch: int) -> None:
+        save_checkpoint(self.run, epoch, self._state(epoch))
 
     def _load(self) -> None:
         if latest_step(self.run) is None:
@@ -234,10 +262,13 @@ class Trainer:
     def sample_and_score(self, prompts: list[str], group_ids: torch.Tensor, gen: torch.Generator,
                          shared_groups: torch.Tensor | None = None):
         """Rollout in chunks of whole groups; each chunk is scored in a worker thread while
-        the next one samples (the reward overlaps sampling when it is slow)."""
+        the next one samples (the reward overlaps sampling when it is slow). Each chunk's noise
+        comes from its own generator, keyed by one draw from ``gen`` and the chunk's first group
+        id, so a chunk's images do not depend on the rank that samples it."""
         cfg = self.cfg
         groups_per_chunk = max(1, cfg.rollout.batch_size // cfg.group_size)
         chunk = groups_per_chunk * cfg.group_size
+        base = int(torch.randint(0, 2**62, (1,), generator=gen))
         parts, futures = [], []
         sample = getattr(self.algo, "rollout", rollout)  # forward-process: clean samples only
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -245,7 +276,7 @@ class Trainer:
                 g0 = s // cfg.group_size
                 shared = None if shared_groups is None else shared_groups[g0 : g0 + groups_per_chunk]
                 traj = sample(self.policy, prompts[s : s + chunk], group_ids[s : s + chunk], cfg.rollout,
-                              generator=gen, shared_groups=shared)
+                              generator=chunk_generator(base, int(group_ids[s])), shared_groups=shared)
                 parts.append(traj)
                 meta = [{"group": int(g)} for g in traj.group_ids]
                 if cfg.async_reward:
@@ -271,11 +302,13 @@ class Trainer:
                   marks=[v.score == 1.0 for v in verdicts[:64]])
         return res
 
-    def _log_granularity(self, epoch: int, traj: Trajectory) -> None:
-        """``granularity.jsonl``: which groups were fine (shared noise) or coarse, per epoch."""
+    def _log_granularity(self, epoch: int, prompts: list[str], group_ids: torch.Tensor, shared: torch.Tensor) -> None:
+        """``granularity.jsonl``: which groups were fine (shared noise) or coarse, per epoch (rank 0)."""
+        if not self.world.is_main:
+            return
         path = self.run.path / "granularity.jsonl"
         lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["epoch"] < epoch] if path.exists() else []
-        path.write_text("\n".join([*lines, _granularity_line(epoch, traj)]) + "\n")
+        path.write_text("\n".join([*lines, _granularity_line(epoch, prompts, group_ids, shared)]) + "\n")
 
     # -- the loop ----------------------------------------------------------------------
     def train(self) -> dict:
@@ -283,12 +316,12 @@ class Trainer:
 
         cfg = self.cfg
         if self.start_epoch == 0:
-            base = self.evaluate("epoch0000")
+            base = run_on_main(lambda: self.evaluate("epoch0000"))
             self.logger.log(0, {f"eval/{k}": v for k, v in base.items()} | {"train_time_s": 0.0})
         columns = (TextColumn("[bold]{task.fields[algo]}"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
                    TextColumn("{task.fields[phase]:>8}"), TextColumn("reward {task.fields[reward]:.3f}"),
                    TextColumn("eval {task.fields[score]}"), TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=self.console) as bar:
+        with Progress(*columns, console=self.console, disable=not self.world.is_main) as bar:
             task = bar.add_task("train", total=cfg.epochs, completed=self.start_epoch, algo=cfg.algorithm,
                                 phase="", reward=float("nan"), score="-")
             done = self.start_epoch
@@ -296,37 +329,56 @@ class Trainer:
                 t0 = time.perf_counter()
                 gen = epoch_generator(cfg.seed, epoch)
                 bar.update(task, phase="sample")
-                prompts, group_ids = sample_prompts(cfg, epoch)
+                prompts, group_ids = sample_prompts(cfg, epoch)  # the whole epoch, same on every rank
                 self.policy.eval()
                 shared = self.algo.shared_groups(epoch, cfg.prompts_per_epoch, gen)
-                traj, rewards, details = self.sample_and_score(prompts, group_ids, gen, shared)
-                self._log_granularity(epoch + 1, traj)
+                mine = slice(self.groups.start * cfg.group_size, self.groups.stop * cfg.group_size)
+                error = None
+                try:
+                    traj, rewards, details = self.sample_and_score(prompts[mine], group_ids[mine], gen,
+                                                                   None if shared is None else shared[self.groups])
+                except Exception as e:  # raised on every rank below, so none waits at a collective
+                    error = e
+                raise_if_any_failed(error)
+                # statistics over the whole epoch: every rank's rewards, in the single-process order
+                rewards_all = all_gather_tensor(rewards.cpu())
+                details = {k: all_gather_tensor(v.cpu()) for k, v in details.items()}
+                shared_all = all_gather_tensor(traj.shared_noise.cpu())
+                self._log_granularity(epoch + 1, prompts, group_ids, shared_all)
                 bar.update(task, phase="update")
-                adv, adv_metrics = self.algo.advantages(rewards, traj.group_ids.cpu(), traj.prompts)
+                adv, adv_metrics = self.algo.advantages(rewards_all, group_ids, prompts)
+                adv = adv[mine]
                 self.policy.train()
-                metrics = self.algo.update(self.policy, self.optimizer, traj, adv, gen)
+                update_gen = gen if self.world.rank == 0 else epoch_generator(cfg.seed, epoch, self.world.rank)
+                metrics = _mean_over_ranks(self.algo.update(self.policy, self.optimizer, traj, adv, update_gen))
+                check_in_sync(self.policy.trainable_parameters())
                 if cfg.ema_decay > 0:
                     self.policy.ema_snapshot("ema", cfg.ema_decay)
                 self.train_time += time.perf_counter() - t0
                 done = epoch + 1
-                row = {"reward": float(rewards.mean()), "train_time_s": self.train_time,
-                       "dgr/coarse_fraction": float((~traj.shared_noise).float().mean()), **adv_metrics,
+                row = {"reward": float(rewards_all.mean()), "train_time_s": self.train_time,
+                       "dgr/coarse_fraction": float((~shared_all).float().mean()), **adv_metrics,
                        **{f"reward/{k}": float(v.mean()) for k, v in details.items()}, **metrics}
                 out_of_time = cfg.max_train_minutes is not None and self.train_time >= 60 * cfg.max_train_minutes
+                out_of_time = broadcast_object(out_of_time)  # rank 0's clock decides for all
                 last = done == cfg.epochs or out_of_time
                 if (cfg.eval.every and done % cfg.eval.every == 0) or last:
                     bar.update(task, phase="eval")
-                    res = self.evaluate(f"epoch{done:04d}")
+                    res = run_on_main(partial(self.evaluate, f"epoch{done:04d}"))
                     row |= {f"eval/{k}": v for k, v in res.items()}
                     bar.update(task, score=f"{res['score']:.3f}")
                 self.logger.log(done, row)
                 if done % cfg.ckpt_every == 0 or last:
-                    save_checkpoint(self.run, done, self._state(done))
+                    run_on_main(partial(self._save, done))
                 bar.update(task, completed=done, reward=row["reward"], phase="")
                 if out_of_time:
                     break
         self.logger.close()
         final = {"epochs": done if cfg.epochs > self.start_epoch else cfg.epochs, "train_time_s": self.train_time}
+        return run_on_main(lambda: self._summarize(final))
+
+    def _summarize(self, final: dict) -> dict:
+        """``summary.json`` and ``curves.png`` from the metrics (rank 0)."""
         rows = read_metrics(self.run.metrics_path)
         evals = [r for r in rows if "eval/score" in r]
         if evals:
@@ -336,14 +388,36 @@ class Trainer:
         return final
 
 
-def _granularity_line(epoch: int, traj: Trajectory) -> str:
-    first = traj.group_index()
-    prompts = {}
+def _granularity_line(epoch: int, prompts: list[str], group_ids: torch.Tensor, shared: torch.Tensor) -> str:
+    first = torch.unique(group_ids, return_inverse=True)[1]
+    by_group = {}
     for i, g in enumerate(first.tolist()):
-        prompts.setdefault(g, traj.prompts[i])
+        by_group.setdefault(g, prompts[i])
     return json.dumps({"epoch": epoch, "groups": [
-        {"group": g, "prompt": prompts[g], "granularity": "fine" if bool(traj.shared_noise[g]) else "coarse"}
-        for g in sorted(prompts)]})
+        {"group": g, "prompt": by_group[g], "granularity": "fine" if bool(shared[g]) else "coarse"}
+        for g in sorted(by_group)]})
+
+
+def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Each update metric averaged over the ranks that report it (a no-op in one process)."""
+    reports = all_gather_object(metrics)
+    if len(reports) == 1:
+        return metrics
+    keys = dict.fromkeys(k for r in reports for k in r)
+    return {k: float(np.mean([r[k] for r in reports if k in r])) for k in keys}
+
+
+class _NoLogger:
+    """The metrics logger of ranks other than 0: they compute the same rows but write nothing."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
 
 
 class _Done:
