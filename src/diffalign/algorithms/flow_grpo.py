@@ -31,7 +31,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffalign.algorithms.grpo import flow_grpo_kl, grpo_advantages, ppo_clip_loss, zero_signal_fraction
+from diffalign.algorithms.grpo import (
+    flow_grpo_kl,
+    grpo_advantages,
+    per_reward_advantages,
+    ppo_clip_loss,
+    zero_signal_fraction,
+)
 from diffalign.distributed import all_reduce_gradients
 from diffalign.errors import ConfigError
 from diffalign.sampling.rollout import Trajectory, recompute_step
@@ -53,6 +59,9 @@ class GRPOConfig:
     """Advantage normalisation: std over the prompt's group or over the whole rollout."""
     adv_clip: float = 5.0
     """Advantages are clipped to ±adv_clip."""
+    reward_normalization: Literal["sum", "per_reward"] = "sum"
+    """``sum``: normalise the (weighted) reward. ``per_reward`` (needs ``reward: multi``): normalise
+    each component reward within its group, then take the weighted sum of those advantages."""
     advantage: Literal["group", "per_prompt_running"] = "group"
     """``group``: GRPO statistics of the current rollout. ``per_prompt_running``: DDPO's
     per-prompt running mean/std over past rollouts."""
@@ -76,6 +85,8 @@ class GRPOConfig:
             raise ConfigError(f"clip_range must be positive, got {self.clip_range}")
         if self.minibatch_size < 1 or self.inner_epochs < 1:
             raise ConfigError("minibatch_size and inner_epochs must be at least 1")
+        if self.reward_normalization not in ("sum", "per_reward"):
+            raise ConfigError(f"reward_normalization must be sum or per_reward, got {self.reward_normalization!r}")
 
 
 class PerPromptStatTracker:
@@ -135,9 +146,17 @@ class GRPO:
         return None if self.granularity is None else self.granularity(epoch, num_groups, generator)
 
     # -- advantages --------------------------------------------------------------------
-    def advantages(self, rewards: Tensor, group_ids: Tensor, prompts: list[str]) -> tuple[Tensor, dict]:
+    def advantages(self, rewards: Tensor, group_ids: Tensor, prompts: list[str], *,
+                   components: dict[str, Tensor] | None = None,
+                   weights: dict[str, float] | None = None) -> tuple[Tensor, dict]:
+        """``components``/``weights``: the multi reward's parts, used when ``reward_normalization`` is ``per_reward``."""
         c = self.config
-        if c.advantage == "per_prompt_running":
+        if c.reward_normalization == "per_reward":
+            if components is None or weights is None or c.advantage != "group":
+                raise ConfigError("grpo.reward_normalization=per_reward needs reward: multi (its components) and "
+                                  "grpo.advantage=group")
+            adv = per_reward_advantages(components, weights, group_ids, std=c.adv_std, clip=c.adv_clip)
+        elif c.advantage == "per_prompt_running":
             adv = self.tracker.advantages(rewards, prompts, c.adv_clip)
         else:
             adv = grpo_advantages(rewards, group_ids, std=c.adv_std, clip=c.adv_clip)

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["flow_grpo_kl", "grpo_advantages", "ppo_clip_loss", "zero_signal_fraction"]
+__all__ = ["flow_grpo_kl", "grpo_advantages", "per_reward_advantages", "ppo_clip_loss", "zero_signal_fraction"]
 
 ADV_EPS = 1e-4
 
@@ -77,6 +77,40 @@ def grpo_advantages(
         scale = r.std(correction=0).expand_as(r)
     adv = centered / (scale + ADV_EPS)
     return adv if clip is None else adv.clamp(-clip, clip)
+
+
+def per_reward_advantages(
+    components: dict[str, Tensor],
+    weights: dict[str, float],
+    group_ids: Tensor | Sequence[int],
+    *,
+    std: Literal["group", "global"] = "group",
+    clip: float | None = 5.0,
+) -> Tensor:
+    """Advantages of a weighted multi-reward, each reward normalised within its group first::
+
+        A = clip(Σ_i w_i · (r_i − mean_group(r_i)) / (std(r_i) + 1e-4), ±clip)
+
+    so a reward with a large numeric range (PickScore ≈ 20) cannot drown one in [0, 1] (OCR),
+    whatever their weights. ``std`` as in :func:`grpo_advantages`; each component is
+    normalised unclipped and the weighted sum is clipped.
+
+    Args:
+        components: name → ``(B,)`` rewards.
+        weights: name → weight; must have exactly the keys of ``components``.
+
+    Returns:
+        ``(B,)`` float32 advantages (no gradient).
+    """
+    if not components:
+        raise ValueError("per_reward_advantages needs at least one reward component")
+    if set(components) != set(weights):
+        raise ValueError(f"components {sorted(components)} and weights {sorted(weights)} must name the same rewards")
+    total = None
+    for name, r in components.items():
+        a = weights[name] * grpo_advantages(r, group_ids, std=std, clip=None)
+        total = a if total is None else total + a
+    return total if clip is None else total.clamp(-clip, clip)
 
 
 def zero_signal_fraction(rewards: Tensor | Sequence[float], group_ids: Tensor | Sequence[int]) -> float:

@@ -43,6 +43,7 @@ from diffalign.errors import CheckpointError, ConfigError
 from diffalign.evaluation.grid import save_grid
 from diffalign.models.tiny import TinyFlowPolicy
 from diffalign.rewards import build_reward, checked_call
+from diffalign.rewards.multi import per_reward_inputs
 from diffalign.sampling.rollout import RolloutConfig, Trajectory, rollout
 from diffalign.training.rundir import (
     MetricsLogger,
@@ -137,6 +138,9 @@ class TrainConfig:
     def validate(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"unknown algorithm {self.algorithm!r}; available: {', '.join(sorted(ALGORITHMS))}")
+        if self.grpo.reward_normalization == "per_reward" and self.reward != "multi":
+            raise ConfigError("grpo.reward_normalization=per_reward normalises each part of a multi reward; "
+                              f"set reward: multi (got reward: {self.reward})")
         if self.group_size < 2:
             raise ConfigError(f"group_size must be at least 2 for group advantages, got {self.group_size}")
         if self.prompt_split not in ("train", "test", "ood") or self.eval.split not in ("train", "test", "ood"):
@@ -346,7 +350,9 @@ class Trainer:
                 shared_all = all_gather_tensor(traj.shared_noise.cpu())
                 self._log_granularity(epoch + 1, prompts, group_ids, shared_all)
                 bar.update(task, phase="update")
-                adv, adv_metrics = self.algo.advantages(rewards_all, group_ids, prompts)
+                adv, adv_metrics = self.algo.advantages(rewards_all, group_ids, prompts,
+                                                        **per_reward_inputs(self.reward, details,
+                                                                            cfg.grpo.reward_normalization))
                 adv = adv[mine]
                 self.policy.train()
                 update_gen = gen if self.world.rank == 0 else epoch_generator(cfg.seed, epoch, self.world.rank)
