@@ -132,9 +132,80 @@ def _cmd_eval(args) -> int:
     if target is not None and not Path(target).exists():
         raise DiffalignError(f"{target}: no such checkpoint file or run directory")
     rep = evaluate(target, args.out, num_images=args.num_images, steps=args.steps, guidance_scale=args.cfg,
-                   splits=tuple(args.splits.split(",")))
+                   splits=tuple(args.splits.split(",")), images_per_prompt=args.images_per_prompt,
+                   prompt_seed=args.prompt_seed, image_seed=args.image_seed, use_proxy=not args.no_proxy)
     print((Path(args.out) / "eval.md").read_text())
     print(f"wrote {args.out}/eval.json, eval.md and grids ({rep['model']})")
+    return 0
+
+
+def _cmd_data_proxy_pairs(args) -> int:
+    from diffalign.config import load_config
+    from diffalign.training.proxy import ProxyPairsConfig, build_proxy_pairs, describe_pairs, save_pairs
+
+    cfg = load_config(ProxyPairsConfig, None, args.overrides)
+    data = build_proxy_pairs(cfg, progress=print)
+    save_pairs(data, args.out)
+    print(json.dumps(describe_pairs(data), indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_proxy_train(args) -> int:
+    from diffalign.config import load_config
+    from diffalign.training.proxy import ProxyTrainConfig, load_pairs, save_trained, train_proxy
+
+    cfg = load_config(ProxyTrainConfig, None, args.overrides)
+    train = load_pairs(args.train)
+    heldout = load_pairs(args.heldout) if args.heldout else None
+    model, report = train_proxy(cfg, train, heldout, progress=print)
+    out = save_trained(model, report, args.out, heldout)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2))
+    if "heldout" in report:
+        print(json.dumps(report["heldout"], indent=2))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def _cmd_proxy_eval(args) -> int:
+    from diffalign.rewards.shapes_score import load_shapes_score
+    from diffalign.training.proxy import load_pairs, pair_report
+
+    if args.record:
+        from diffalign.training.proxy import record_heldout
+
+        if not (args.pairs and args.checkpoint):
+            raise DiffalignError("--record needs a pair file and --checkpoint (the file whose metadata is updated)")
+        print(json.dumps(record_heldout(args.checkpoint, load_pairs(args.pairs)), indent=2))
+        print(f"recorded the held-out figures in {args.checkpoint}")
+        return 0
+    model, _ = load_shapes_score(args.checkpoint)
+    report = {"pairs": pair_report(model, load_pairs(args.pairs)) if args.pairs else None}
+    if args.probe:
+        from diffalign.training.proxy import probe_blind_spots
+
+        report["blind_spots"] = {split: probe_blind_spots(model, split=split) for split in ("test", "ood")}
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    import warnings
+
+    from diffalign.evaluation.compare import MixedConfigWarning, compare
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MixedConfigWarning)
+        res = compare(args.runs, args.out, target=args.target, eval_images=args.eval_images,
+                      eval_images_per_prompt=args.images_per_prompt)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    print((Path(args.out) / "compare.md").read_text())
+    print(f"wrote {args.out}/compare.html, compare.md, curves.png, bars.png ({len(res['runs'])} runs, "
+          f"{len(res['groups'])} groups)")
     return 0
 
 
@@ -163,7 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="Euler ODE steps")
     p.add_argument("--cfg", type=float, default=4.5, help="CFG scale")
     p.add_argument("--splits", default="test,ood", help="comma-separated prompt splits")
+    p.add_argument("--images-per-prompt", type=int, default=1,
+                   help="images per prompt (≥ 2 measures diversity within a prompt; must divide --num-images)")
+    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the task-balanced prompt draw")
+    p.add_argument("--image-seed", type=int, default=0, help="image i uses seed image_seed + i")
+    p.add_argument("--no-proxy", action="store_true", help="skip the ShapesScore proxy reward")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("compare", help="one table and plots across training runs (HTML, PNG, markdown)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run directories")
+    p.add_argument("--out", default="compare", help="output directory (compare.html, compare.md, *.png)")
+    p.add_argument("--target", type=float, default=None, help="eval score target: report steps/minutes to reach it")
+    p.add_argument("--eval-images", type=int, default=0,
+                   help="evaluate runs lacking RUN/eval/eval.json first, with this many images per split")
+    p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt of that evaluation")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("sample", help="generate images with the Euler ODE sampler and verify them")
     p.add_argument("--prompt", action="append", help="a ShapesWorld prompt (repeatable)")
@@ -178,6 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write verdicts and speed as JSON here")
     p.set_defaults(func=_cmd_sample)
 
+    p = sub.add_parser("proxy", help="the ShapesScore learned proxy reward: train or evaluate it")
+    proxy_sub = p.add_subparsers(dest="proxy_command", required=True, metavar="ACTION")
+    q = proxy_sub.add_parser("train", help="fit ShapesScore on a pair file")
+    q.add_argument("--train", required=True, help="training pair file (diffalign data proxy-pairs)")
+    q.add_argument("--heldout", default=None, help="held-out pair file (accuracy recorded in the checkpoint)")
+    q.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
+    q.add_argument("--report", default=None, help="also write the training report as JSON here")
+    q.add_argument("overrides", nargs="*", help="key=value settings, e.g. epochs=8 lr=2e-3")
+    q.set_defaults(func=_cmd_proxy_train)
+    q = proxy_sub.add_parser("eval", help="held-out pair accuracy of a ShapesScore checkpoint")
+    q.add_argument("pairs", nargs="?", default=None, help="pair file (held-out pair accuracy)")
+    q.add_argument("--checkpoint", default=None, help="ShapesScore checkpoint (default: the shipped one)")
+    q.add_argument("--probe", action="store_true", help="also probe blind spots (perturbations, attack)")
+    q.add_argument("--json", default=None, help="also write the report as JSON here")
+    q.add_argument("--record", action="store_true",
+                   help="write the held-out pair figures into the checkpoint's metadata")
+    q.set_defaults(func=_cmd_proxy_eval)
+
     # `diffalign data ...`: dataset builders. Each module adds its own subcommand here
     # (preference pairs, proxy-reward training pairs, ...).
     p = sub.add_parser("data", help="build datasets (preference pairs, proxy-reward pairs)")
@@ -188,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_data_commands(data_sub) -> None:
     """Register ``diffalign data KIND`` subcommands (one block per dataset kind)."""
+    p = data_sub.add_parser("proxy-pairs", help="ShapesScore training pairs: correct images vs near-misses "
+                                                "and base-model failures")
+    p.add_argument("--out", required=True, help="pair file to write (.pt)")
+    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. split=test seed=1 num_prompts=600")
+    p.set_defaults(func=_cmd_data_proxy_pairs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,202 @@
+"""Convergence: every ShapesWorld preset for a fixed training budget and seeds, one table.
+
+    python benchmarks/convergence.py --minutes 15 --seeds 0,1,2 --out runs/convergence
+    python benchmarks/convergence.py --presets flow_grpo,crd --minutes 15 --seeds 0 --eval-images 512
+
+For each preset in ``configs/shapes`` (or ``--presets``) and each seed, runs
+``diffalign train PRESET --out OUT/<preset>-seed<S> seed=S max_train_minutes=M`` (plus any
+``--set key=value`` overrides) in a subprocess, then ``diffalign eval`` on the trained
+weights (test and out-of-domain prompts, ``--eval-images`` per split, ``--images-per-prompt``
+per prompt for diversity). A run that fails (e.g. a preference preset without its dataset)
+is reported with its error and the benchmark goes on.
+
+Table (mean over seeds; ``[min, max]`` when seeds differ): final verifier score on test and
+out-of-domain prompts, steps and training minutes until the run's periodic evaluation
+first reached the target (``--target`` absolute, or ``--target-gain`` above the run's own
+step-0 score), high-level hallucination (hallucinated + mis-attributed objects per test
+image), low-level hallucination (flat-region noise), diversity within a prompt (pixel) and
+the proxy-vs-verifier gap (mean ShapesScore − verifier score on the test images).
+
+Prints JSON and a markdown table; writes ``OUT/convergence.json``, ``OUT/convergence.md``
+and a ``diffalign compare`` report of all runs in ``OUT/compare/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET_DIR = ROOT / "configs" / "shapes"
+
+
+def run_preset(preset: str, seed: int, out: Path, minutes: float, overrides: list[str], timeout: float | None) -> dict:
+    """Train one preset/seed in a subprocess; returns {"ok", "seconds", "error"}."""
+    cmd = [sys.executable, "-m", "diffalign.cli", "train", preset, "--out", str(out), f"seed={seed}",
+           f"max_train_minutes={minutes}", *overrides]
+    t0 = time.perf_counter()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "seconds": time.perf_counter() - t0, "error": f"timed out after {timeout} s",
+                "command": " ".join(cmd)}
+    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
+    err = None
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        err = lines[-1] if lines else f"exit status {proc.returncode}"
+    return {"ok": proc.returncode == 0, "seconds": time.perf_counter() - t0, "error": err, "command": " ".join(cmd)}
+
+
+def first_reaching(rows: list[dict], target: float) -> tuple[float | None, float | None]:
+    """(step, training minutes) of the first periodic evaluation with score ≥ target."""
+    for r in rows:
+        if r.get("eval/score") is not None and r["eval/score"] >= target:
+            return float(r["step"]), float(r.get("train_time_s", 0.0)) / 60.0
+    return None, None
+
+
+def run_figures(run_dir: Path, ev: dict | None, target: float | None, target_gain: float | None) -> dict:
+    from diffalign.training.rundir import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    evals = [r for r in rows if r.get("eval/score") is not None]
+    fig: dict = {"steps": float(rows[-1]["step"]) if rows else None,
+                 "train_minutes": float(rows[-1].get("train_time_s", 0.0)) / 60.0 if rows else None,
+                 "start_eval_score": evals[0]["eval/score"] if evals else None,
+                 "final_eval_score": evals[-1]["eval/score"] if evals else None}
+    tgt = target if target is not None else (
+        evals[0]["eval/score"] + target_gain if evals and target_gain is not None else None)
+    fig["target"] = tgt
+    fig["steps_to_target"], fig["minutes_to_target"] = first_reaching(rows, tgt) if tgt is not None else (None, None)
+    if ev:
+        t, o = ev["splits"].get("test", {}), ev["splits"].get("ood", {})
+        fig |= {"test_score": t.get("score"), "ood_score": o.get("score"),
+                "high_level_hallucination": t.get("high_level_hallucination"),
+                "flat_noise": t.get("lowlevel/flat_noise"), "diversity": t.get("diversity/pixel"),
+                "proxy_score": t.get("proxy/score"), "proxy_gap": t.get("proxy/gap")}
+    return fig
+
+
+COLUMNS = [("test_score", "verifier test"), ("ood_score", "verifier ood"), ("steps_to_target", "steps to target"),
+           ("minutes_to_target", "min to target"), ("high_level_hallucination", "high-level halluc. / img"),
+           ("flat_noise", "flat-region noise"), ("diversity", "diversity"), ("proxy_gap", "proxy − verifier")]
+
+
+def aggregate(figs: list[dict]) -> dict:
+    out = {}
+    keys = {k for f in figs for k in f}
+    for k in sorted(keys):
+        vals = [f[k] for f in figs if isinstance(f.get(k), int | float)]
+        out[k] = ({"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals)),
+                   "n": len(vals)} if vals else None)
+    return out
+
+
+def _cell(a: dict | None, n_runs: int, key: str) -> str:
+    if a is None:
+        return "not reached" if key.endswith("to_target") else "—"
+    fmt = "{:.0f}" if key == "steps_to_target" else ("{:.1f}" if key == "minutes_to_target" else "{:.3f}")
+    s = fmt.format(a["mean"]) if a["min"] == a["max"] else (
+        f"{fmt.format(a['mean'])} [{fmt.format(a['min'])}, {fmt.format(a['max'])}]")
+    if key.endswith("to_target") and a["n"] < n_runs:
+        s += f" ({a['n']}/{n_runs} runs)"
+    return s
+
+
+def markdown(result: dict) -> str:
+    lines = ["| method | seeds | " + " | ".join(h for _, h in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    for name, r in result["presets"].items():
+        ok = [s for s in r["runs"] if s["ok"]]
+        if not ok:
+            err = r["runs"][0]["error"] if r["runs"] else "no runs"
+            lines.append(f"| {name} | — | failed: {err} |" + " |" * (len(COLUMNS) - 1))
+            continue
+        seeds = ",".join(str(s["seed"]) for s in ok)
+        lines.append(f"| {name} | {seeds} | " + " | ".join(_cell(r["aggregate"].get(k), len(ok), k)
+                                                           for k, _ in COLUMNS) + " |")
+    b = result["settings"]
+    tgt = f"score ≥ {b['target']}" if b["target"] is not None else f"+{b['target_gain']} over the run's step-0 score"
+    lines += ["", f"Budget {b['minutes']} training minutes per run; verifier scores from `diffalign eval` on "
+                  f"{b['eval_images']} images per split ({b['images_per_prompt']} per prompt); target: {tgt} in the "
+                  "run's periodic evaluation. Mean over seeds, [min, max] where they differ."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default="all", help="comma-separated preset names in configs/shapes, or 'all'")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds")
+    ap.add_argument("--minutes", type=float, default=15.0, help="training budget per run (max_train_minutes)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for every run (repeatable), e.g. --set eval.num_images=64")
+    ap.add_argument("--eval-images", type=int, default=512, help="diffalign eval images per split")
+    ap.add_argument("--images-per-prompt", type=int, default=4, help="diffalign eval images per prompt")
+    ap.add_argument("--eval-steps", type=int, default=20, help="Euler steps of the final evaluation")
+    ap.add_argument("--target", type=float, default=None, help="absolute periodic-eval score target")
+    ap.add_argument("--target-gain", type=float, default=0.1, help="target = step-0 score + this (if no --target)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds before a training subprocess is killed")
+    ap.add_argument("--out", default="runs/convergence", help="output directory")
+    ap.add_argument("--no-compare", action="store_true", help="skip the diffalign compare report")
+    args = ap.parse_args(argv)
+
+    from diffalign.evaluation.report import evaluate
+
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if args.presets == "all" else args.presets.split(",")
+    missing = [n for n in names if not (PRESET_DIR / f"{n}.yaml").is_file()]
+    if missing:
+        ap.error(f"unknown preset(s) {missing}; available: {', '.join(sorted(p.stem for p in PRESET_DIR.glob('*.yaml')))}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"settings": {"presets": names, "seeds": seeds, "minutes": args.minutes,
+                                 "overrides": args.overrides, "eval_images": args.eval_images,
+                                 "images_per_prompt": args.images_per_prompt, "target": args.target,
+                                 "target_gain": None if args.target is not None else args.target_gain},
+                    "presets": {}}
+    done_dirs = []
+    for name in names:
+        runs = []
+        for seed in seeds:
+            rd = out / f"{name}-seed{seed}"
+            info = {"seed": seed, "run_dir": str(rd)}
+            print(f"[convergence] {name} seed {seed} ...", file=sys.stderr, flush=True)
+            info |= run_preset(name, seed, rd, args.minutes, args.overrides, args.timeout)
+            if info["ok"]:
+                try:
+                    ev = evaluate(rd, rd / "eval", num_images=args.eval_images, steps=args.eval_steps,
+                                  images_per_prompt=args.images_per_prompt)
+                except Exception as e:  # noqa: BLE001 - reported in the table, the benchmark goes on
+                    ev, info["eval_error"] = None, f"{type(e).__name__}: {e}"
+                info["figures"] = run_figures(rd, ev, args.target, None if args.target is not None else args.target_gain)
+                done_dirs.append(rd)
+            else:
+                print(f"[convergence] {name} seed {seed} failed: {info['error']}", file=sys.stderr, flush=True)
+            runs.append(info)
+        ok = [r["figures"] for r in runs if r["ok"]]
+        result["presets"][name] = {"runs": runs, "aggregate": aggregate(ok) if ok else {}}
+    if done_dirs and not args.no_compare:
+        from diffalign.evaluation.compare import compare
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # presets differ by design
+            compare(done_dirs, out / "compare")
+    table = markdown(result)
+    (out / "convergence.json").write_text(json.dumps(result, indent=2))
+    (out / "convergence.md").write_text(table)
+    print(json.dumps(result, indent=2))
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
