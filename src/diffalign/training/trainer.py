@@ -41,10 +41,11 @@ from diffalign.distributed import (
 )
 from diffalign.errors import CheckpointError, ConfigError
 from diffalign.evaluation.grid import save_grid
-from diffalign.models.tiny import TinyFlowPolicy
+from diffalign.models.factory import FAMILIES, ModelOptions, build_policy
 from diffalign.rewards import build_reward, checked_call
 from diffalign.rewards.multi import per_reward_inputs
 from diffalign.sampling.rollout import RolloutConfig, Trajectory, rollout
+from diffalign.training.prompts import sample_file_prompts
 from diffalign.training.rundir import (
     MetricsLogger,
     RunDir,
@@ -83,7 +84,21 @@ class TrainConfig:
     algorithm: str = "flow_grpo"
     """Algorithm name (flow_grpo, dance_grpo, ddpo, consistent_rft, crd, diffusion_nft)."""
     model: str | None = None
-    """Tiny-model checkpoint to fine-tune (None = the shipped ShapesWorld base)."""
+    """Model to fine-tune: a tiny-model checkpoint (None = the shipped ShapesWorld base), or a
+    local diffusers pipeline directory for model_family sd3 / flux / sd15."""
+    model_family: str = "tiny"
+    """Model family: tiny (ShapesWorld), sd3 (SD3 / SD3.5), flux (FLUX.1), sd15 (SD1.x)."""
+    model_options: ModelOptions = field(default_factory=ModelOptions)
+    """dtype, LoRA targets, gradient checkpointing, device, ... of the diffusers adapters."""
+    image_size: int | None = None
+    """Side of the generated square images in pixels (None = the model's default: the tiny
+    checkpoint's size; 512 for sd3 / flux / sd15)."""
+    prompt_file: str | None = None
+    """Training prompts for models outside ShapesWorld: a text file (one per line) or .jsonl
+    with a "prompt" field. None = ShapesWorld prompts (prompt_split)."""
+    eval_prompt_file: str | None = None
+    """Evaluation prompts with prompt_file (None = the training prompt file); evaluation then
+    scores deterministic samples with the training reward."""
     seed: int = 0
     """Seed of every random draw."""
     epochs: int = 30
@@ -143,6 +158,11 @@ class TrainConfig:
                               f"set reward: multi (got reward: {self.reward})")
         if self.group_size < 2:
             raise ConfigError(f"group_size must be at least 2 for group advantages, got {self.group_size}")
+        if self.model_family not in FAMILIES:
+            raise ConfigError(f"unknown model_family {self.model_family!r}; available: {', '.join(FAMILIES)}")
+        if self.model_family != "tiny" and self.prompt_file is None:
+            raise ConfigError(f"model_family={self.model_family} needs prompt_file=<prompts.txt> (ShapesWorld "
+                              "prompts and its verifier are for the tiny model)")
         if self.prompt_split not in ("train", "test", "ood") or self.eval.split not in ("train", "test", "ood"):
             raise ConfigError("prompt_split and eval.split must be train, test or ood")
 
@@ -175,7 +195,10 @@ def chunk_generator(base: int, first_group: int) -> torch.Generator:
 
 
 def sample_prompts(cfg: TrainConfig, epoch: int) -> tuple[list[str], torch.Tensor]:
-    """Group-contiguous prompts for one epoch: ``prompts_per_epoch`` task-balanced prompts × K."""
+    """Group-contiguous prompts for one epoch: ``prompts_per_epoch`` task-balanced prompts × K
+    (uniform draws from ``prompt_file`` when one is set)."""
+    if cfg.prompt_file is not None:
+        return sample_file_prompts(cfg.prompt_file, cfg.prompts_per_epoch, cfg.group_size, cfg.seed, epoch)
     rng = np.random.default_rng([cfg.seed, epoch, 1])
     split = prompt_splits()[cfg.prompt_split]
     tasks = [t for t in TASKS if split[t]]
@@ -217,7 +240,8 @@ class Trainer:
         else:
             run_on_main(lambda: self.run.create(config_to_dict(cfg)) and None)
         torch.manual_seed(cfg.seed)
-        self.policy = TinyFlowPolicy.from_checkpoint(cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+        self.policy = build_policy(cfg.model_family, cfg.model, image_size=cfg.image_size, lora_rank=cfg.lora_rank,
+                                   lora_alpha=cfg.lora_alpha, options=cfg.model_options)
         broadcast_parameters(self.policy.trainable_parameters())  # every rank starts from rank 0's weights
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.lr,
                                            betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
@@ -299,6 +323,17 @@ class Trainer:
 
         e = self.cfg.eval
         ctx = self.policy.use_snapshot("ema") if (e.use_ema and self.policy.has_snapshot("ema")) else nullcontext()
+        if self.cfg.prompt_file is not None:  # outside ShapesWorld: the training reward on fixed prompts
+            from diffalign.evaluation.reward_eval import evaluate_with_reward
+            from diffalign.training.prompts import read_prompt_file
+
+            with ctx:
+                res, images, prompts = evaluate_with_reward(
+                    self.policy, read_prompt_file(self.cfg.eval_prompt_file or self.cfg.prompt_file), self.reward,
+                    num_images=num_images or e.num_images, steps=e.steps, guidance_scale=e.guidance_scale,
+                    shift=self.cfg.rollout.shift, batch_size=self.cfg.rollout.batch_size)
+            save_grid(images[:64], self.run.samples_dir / f"{tag}.png", ncol=8, captions=prompts[:64])
+            return res
         with ctx:
             res, images, prompts, verdicts = evaluate_policy(self.policy, e.split, num_images or e.num_images,
                                                              steps=e.steps, guidance_scale=e.guidance_scale)
