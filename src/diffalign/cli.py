@@ -289,8 +289,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cmd_data_prefs(args) -> int:
+    from diffalign.config import load_config
+    from diffalign.data.preference import (
+        PrefDataConfig,
+        build_shapes_preferences,
+        dataset_summary,
+        load_preference_dataset,
+    )
+
+    cfg = load_config(PrefDataConfig, None, args.overrides)
+    t0 = time.perf_counter()
+    out = build_shapes_preferences(cfg, args.out, progress=lambda n, total: print(f"{n}/{total} pairs", flush=True))
+    print(json.dumps(dataset_summary(load_preference_dataset(out)), indent=2))
+    print(f"wrote {out} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 def _add_data_commands(data_sub) -> None:
     """Register ``diffalign data KIND`` subcommands (one block per dataset kind)."""
+    p = data_sub.add_parser("prefs", help="preference pairs (prompt, winner, loser): renders or correct "
+                                          "base samples vs rejected base samples")
+    p.add_argument("--out", required=True, help="dataset directory (manifest.json, pairs.jsonl, shards)")
+    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. num_pairs=400 winners=mixed steps=8")
+    p.set_defaults(func=_cmd_data_prefs)
     p = data_sub.add_parser("proxy-pairs", help="ShapesScore training pairs: correct images vs near-misses "
                                                 "and base-model failures")
     p.add_argument("--out", required=True, help="pair file to write (.pt)")

@@ -20,3 +20,7 @@ class CheckpointError(DiffalignError):
 
 class ConfigError(DiffalignError, ValueError):
     """A configuration value or key that is invalid."""
+
+
+class DatasetError(DiffalignError):
+    """A dataset on disk that is missing, corrupt or does not match its index."""

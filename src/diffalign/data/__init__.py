@@ -1,0 +1,1 @@
+"""Datasets on disk: preference pairs (``diffalign data prefs``) and their builders."""
