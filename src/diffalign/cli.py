@@ -209,6 +209,46 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_reward_server(args) -> int:
+    from diffalign.rewards import available_rewards, build_reward
+    from diffalign.rewards.server import ServerConfig, serve
+
+    try:
+        kwargs = json.loads(args.reward_kwargs)
+    except ValueError as e:
+        raise DiffalignError(f"--reward-kwargs must be a JSON object, e.g. '{{\"mode\": \"score\"}}' ({e})") from e
+    if not isinstance(kwargs, dict):
+        raise DiffalignError(f"--reward-kwargs must be a JSON object, got {args.reward_kwargs!r}")
+    if args.reward == "remote":
+        raise DiffalignError("a reward server cannot serve the remote client; choose one of: "
+                             + ", ".join(r for r in available_rewards() if r != "remote"))
+    cfg = ServerConfig(max_batch_images=args.max_batch_images, batch_wait_ms=args.batch_wait_ms,
+                       max_request_mb=args.max_request_mb, max_images_per_request=args.max_images_per_request,
+                       request_timeout_s=args.timeout_s)
+    reward = build_reward(args.reward, **kwargs)  # load the model before accepting requests
+    print(f"serving reward {getattr(reward, 'name', args.reward)!r} on http://{args.host}:{args.port} "
+          f"(POST /score, GET /health)", flush=True)
+    serve(reward, args.host, args.port, cfg, log_level=args.log_level)
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    import warnings
+
+    from diffalign.evaluation.compare import MixedConfigWarning, compare
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MixedConfigWarning)
+        res = compare(args.runs, args.out, target=args.target, eval_images=args.eval_images,
+                      eval_images_per_prompt=args.images_per_prompt)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    print((Path(args.out) / "compare.md").read_text())
+    print(f"wrote {args.out}/compare.html, compare.md, curves.png, bars.png ({len(res['runs'])} runs, "
+          f"{len(res['groups'])} groups)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,6 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--record", action="store_true",
                    help="write the held-out pair figures into the checkpoint's metadata")
     q.set_defaults(func=_cmd_proxy_eval)
+
+    p = sub.add_parser("reward-server", help="serve a registered reward over HTTP (for the remote reward)")
+    p.add_argument("--reward", required=True, help="registered reward name, e.g. pickscore, ocr, shapes_verifier")
+    p.add_argument("--reward-kwargs", default="{}", help="JSON object of reward arguments, e.g. "
+                                                         "'{\"model_path\": \"/models/PickScore_v1\"}'")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to accept other machines)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--max-batch-images", type=int, default=64, help="most images per reward call (batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body in MiB (413 above)")
+    p.add_argument("--max-images-per-request", type=int, default=512, help="most images per request (413 above)")
+    p.add_argument("--timeout-s", type=float, default=300.0, help="per-request scoring timeout (504 after)")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (info logs every request)")
+    p.set_defaults(func=_cmd_reward_server)
 
     # `diffalign data ...`: dataset builders. Each module adds its own subcommand here
     # (preference pairs, proxy-reward training pairs, ...).

@@ -1,0 +1,290 @@
+"""``diffalign reward-server``: serve any registered reward over HTTP (Starlette on uvicorn).
+
+Endpoints::
+
+    POST /score   {"images": [base64 PNG, ...], "prompts": [...], "metadata": [{...}, ...]?}
+                  → 200 {"reward": name, "scores": [...], "details": {key: [...]}, "batch_images": n}
+    GET  /health  → 200 {"status": "ok", "reward": name, "requests": ..., "batches": ..., ...}
+
+Concurrent requests are **batched**: the first waiting request opens a batch, which collects
+further requests for up to ``batch_wait_ms`` or until ``max_batch_images``, then one reward
+call scores them all (split by image size) in a single worker thread, so a GPU model sees
+large batches and never two calls at once.
+
+Errors are JSON ``{"error": message}``: 400 body is not JSON; 422 fields missing, of the
+wrong type or length, or an image that is not a readable PNG; 413 body larger than
+``max_request_mb`` or more than ``max_images_per_request`` images; 503 queue full (retry
+later); 504 not scored within ``request_timeout_s``; 500 the reward itself failed (the
+message names it). A failing batch of several requests is retried one request at a time, so
+one bad request cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from diffalign.errors import ConfigError
+from diffalign.rewards.base import Reward, checked_call
+from diffalign.rewards.remote import decode_image, images_to_tensor
+
+
+@dataclass
+class ServerConfig:
+    """Reward-server limits and batching."""
+
+    max_batch_images: int = 64
+    """Most images scored in one reward call (concurrent requests are merged up to this)."""
+    batch_wait_ms: float = 10.0
+    """After the first request of a batch arrives, wait this long (milliseconds) for more."""
+    max_request_mb: float = 64.0
+    """Largest request body (MiB); larger requests get 413."""
+    max_images_per_request: int = 512
+    """Most images in one request; more get 413."""
+    request_timeout_s: float = 300.0
+    """A request not scored within this many seconds (queueing included) gets 504."""
+    max_queue_images: int = 8192
+    """Images waiting to be scored; a request arriving above this gets 503 (the client retries)."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_images < 1 or self.max_images_per_request < 1 or self.max_queue_images < 1:
+            raise ConfigError("max_batch_images, max_images_per_request and max_queue_images must be at least 1")
+        if self.batch_wait_ms < 0 or self.max_request_mb <= 0 or self.request_timeout_s <= 0:
+            raise ConfigError("batch_wait_ms must be ≥ 0; max_request_mb and request_timeout_s must be positive")
+
+
+@dataclass
+class _Job:
+    images: torch.Tensor
+    prompts: list[str]
+    metadata: list[dict]
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Batcher:
+    """Merges queued jobs into reward calls run one at a time in a worker thread."""
+
+    def __init__(self, reward: Reward, cfg: ServerConfig):
+        self.reward, self.cfg = reward, cfg
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        self.queue: asyncio.Queue[_Job] | None = None
+        self.carry: _Job | None = None
+        self.queued_images = 0
+        self.stats = {"requests": 0, "batches": 0, "images": 0, "errors": 0, "timeouts": 0,
+                      "max_requests_per_batch": 0, "reward_seconds": 0.0}
+
+    def submit(self, job: _Job) -> None:
+        if self.queued_images + len(job.prompts) > self.cfg.max_queue_images:
+            raise _HTTPError(503, f"server busy: {self.queued_images} images queued (max_queue_images="
+                                  f"{self.cfg.max_queue_images}); retry later")
+        self.queued_images += len(job.prompts)
+        self.queue.put_nowait(job)
+
+    async def _next_batch(self) -> list[_Job]:
+        loop = asyncio.get_running_loop()
+        first = self.carry or await self.queue.get()
+        self.carry = None
+        jobs, n = [first], len(first.prompts)
+        deadline = loop.time() + self.cfg.batch_wait_ms / 1000
+        while n < self.cfg.max_batch_images:
+            try:
+                job = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+            if n + len(job.prompts) > self.cfg.max_batch_images:
+                self.carry = job  # opens the next batch
+                break
+            jobs.append(job)
+            n += len(job.prompts)
+        return jobs
+
+    def _score(self, jobs: list[_Job]):
+        images = torch.cat([j.images for j in jobs])
+        prompts = [p for j in jobs for p in j.prompts]
+        meta = [m for j in jobs for m in j.metadata]
+        return checked_call(self.reward, images, prompts, meta)
+
+    async def _run_group(self, jobs: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        try:
+            out = await loop.run_in_executor(self.executor, self._score, jobs)
+        except Exception as e:  # noqa: BLE001 - reported to the requests
+            if len(jobs) > 1:  # find the request that fails; the others still get scores
+                for j in jobs:
+                    await self._run_group([j])
+                return
+            self.stats["errors"] += 1
+            if not jobs[0].future.done():
+                name = getattr(self.reward, "name", type(self.reward).__name__)
+                jobs[0].future.set_exception(_HTTPError(500, f"reward {name!r} failed: {type(e).__name__}: {e}"))
+            return
+        finally:
+            self.stats["reward_seconds"] += time.perf_counter() - t0
+        n_total = len(out.scores)
+        s = 0
+        for j in jobs:
+            k = len(j.prompts)
+            if not j.future.done():
+                j.future.set_result({"scores": out.scores[s : s + k].tolist(), "batch_images": n_total,
+                                     "details": {key: v[s : s + k].tolist() for key, v in out.details.items()}})
+            s += k
+
+    async def run(self) -> None:
+        while True:
+            jobs = await self._next_batch()
+            self.queued_images -= sum(len(j.prompts) for j in jobs)
+            live = [j for j in jobs if not j.future.done()]  # timed-out requests are skipped
+            if not live:
+                continue
+            self.stats["batches"] += 1
+            self.stats["images"] += sum(len(j.prompts) for j in live)
+            self.stats["max_requests_per_batch"] = max(self.stats["max_requests_per_batch"], len(live))
+            by_size: dict[tuple[int, int], list[_Job]] = {}
+            for j in live:
+                by_size.setdefault(tuple(j.images.shape[-2:]), []).append(j)
+            for group in by_size.values():
+                try:
+                    await self._run_group(group)
+                except Exception as e:  # noqa: BLE001 - keep serving; fail only these requests
+                    for j in group:
+                        if not j.future.done():
+                            j.future.set_exception(_HTTPError(500, f"{type(e).__name__}: {e}"))
+
+
+def _parse(payload, cfg: ServerConfig) -> tuple[torch.Tensor, list[str], list[dict]]:
+    """Validate a decoded JSON body; raises _HTTPError(422/413) that says what is wrong."""
+    if not isinstance(payload, dict):
+        raise _HTTPError(422, f"the body must be a JSON object with 'images' and 'prompts', got {type(payload).__name__}")
+    images, prompts = payload.get("images"), payload.get("prompts")
+    metadata = payload.get("metadata")
+    if not isinstance(images, list) or not isinstance(prompts, list):
+        raise _HTTPError(422, "'images' (list of base64 PNG strings) and 'prompts' (list of strings) are required")
+    if not images:
+        raise _HTTPError(422, "'images' is empty; send at least one image")
+    if len(images) != len(prompts):
+        raise _HTTPError(422, f"got {len(images)} images but {len(prompts)} prompts; send one prompt per image")
+    if len(images) > cfg.max_images_per_request:
+        raise _HTTPError(413, f"{len(images)} images in one request; the limit is {cfg.max_images_per_request} "
+                              f"(split the batch)")
+    if not all(isinstance(p, str) for p in prompts):
+        raise _HTTPError(422, "every prompt must be a string")
+    if metadata is None:
+        metadata = [{} for _ in prompts]
+    if not isinstance(metadata, list) or len(metadata) != len(prompts) or not all(isinstance(m, dict) for m in metadata):
+        raise _HTTPError(422, "'metadata', when given, must be a list of one JSON object per image")
+    arrays = []
+    for i, data in enumerate(images):
+        try:
+            arrays.append(decode_image(data))
+        except ValueError as e:
+            raise _HTTPError(422, f"images[{i}]: {e}") from e
+    if len({a.shape for a in arrays}) > 1:
+        raise _HTTPError(422, f"images in one request must share one size; got {sorted({a.shape[:2] for a in arrays})}")
+    return images_to_tensor(arrays), prompts, metadata
+
+
+def create_app(reward: Reward, cfg: ServerConfig | None = None):
+    """The Starlette application serving ``reward``."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    cfg = cfg or ServerConfig()
+    batcher = Batcher(reward, cfg)
+    limit = int(cfg.max_request_mb * 2**20)
+    started = time.time()
+    name = getattr(reward, "name", type(reward).__name__)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message, "reward": name}, status_code=status)
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        too_big = declared is not None and declared.isdigit() and int(declared) > limit
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                too_big = True
+                if size > 8 * limit:  # stop draining a huge upload; the connection is closed
+                    break
+            elif not too_big:
+                chunks.append(chunk)
+        if too_big:
+            raise _HTTPError(413, f"request body of {max(size, int(declared or 0)) / 2**20:.1f} MiB exceeds "
+                                  f"max_request_mb={cfg.max_request_mb:g}; send fewer images per request")
+        return b"".join(chunks)
+
+    async def score(request: Request) -> JSONResponse:
+        batcher.stats["requests"] += 1
+        try:
+            body = await read_body(request)
+            try:
+                payload = json.loads(body)
+            except ValueError as e:
+                raise _HTTPError(400, f"the body is not valid JSON ({e})") from e
+            images, prompts, metadata = await run_in_threadpool(_parse, payload, cfg)
+            future = asyncio.get_running_loop().create_future()
+            batcher.submit(_Job(images, prompts, metadata, future))
+            try:
+                result = await asyncio.wait_for(future, cfg.request_timeout_s)
+            except asyncio.TimeoutError as e:
+                batcher.stats["timeouts"] += 1
+                raise _HTTPError(504, f"not scored within request_timeout_s={cfg.request_timeout_s:g} s") from e
+        except _HTTPError as e:
+            return error(e.status, e.message)
+        except ClientDisconnect:
+            return error(400, "client disconnected")
+        return JSONResponse({"reward": name, **result})
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "reward": name, "uptime_s": round(time.time() - started, 3),
+                             "queued_images": batcher.queued_images, **batcher.stats,
+                             "limits": {"max_batch_images": cfg.max_batch_images, "max_request_mb": cfg.max_request_mb,
+                                        "max_images_per_request": cfg.max_images_per_request,
+                                        "request_timeout_s": cfg.request_timeout_s}})
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.queue = asyncio.Queue()
+        task = asyncio.create_task(batcher.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            batcher.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = Starlette(routes=[Route("/score", score, methods=["POST"]), Route("/health", health, methods=["GET"])],
+                    lifespan=lifespan)
+    app.state.batcher = batcher
+    return app
+
+
+def serve(reward: Reward, host: str = "127.0.0.1", port: int = 8000, cfg: ServerConfig | None = None,
+          log_level: str = "warning") -> None:
+    """Run the server in the foreground until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(reward, cfg), host=host, port=port, log_level=log_level, timeout_keep_alive=30)
