@@ -374,7 +374,7 @@ def train_proxy(cfg: ProxyTrainConfig, train: dict, heldout: dict | None = None,
             loss.backward()
             opt.step()
             sched.step()
-            tot += float(loss) * len(idx)
+            tot += float(loss.detach()) * len(idx)
             acc += float((sw > sl).float().sum())
         row = {"epoch": epoch + 1, "loss": tot / n, "train_pair_accuracy": acc / n,
                "seconds": time.perf_counter() - t0}

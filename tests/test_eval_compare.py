@@ -1,0 +1,161 @@
+"""diffalign eval (every metric, determinism, bad input) and diffalign compare (incl. headless Chromium).
+
+Run directories come from the real trainer on a tiny random model (a few seconds each)."""
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny import tiny_unet
+
+from diffalign.cli import main
+from diffalign.config import load_config
+from diffalign.errors import CheckpointError, DiffalignError
+from diffalign.evaluation.compare import MixedConfigWarning, compare, config_differences, group_runs, load_run
+from diffalign.evaluation.report import diversity, evaluate
+from diffalign.models.checkpoint import save_unet
+from diffalign.models.unet import FlowUNet, UNetConfig
+from diffalign.rewards.shapes_score import SHIPPED
+from diffalign.training.trainer import TrainConfig, Trainer
+from diffalign.world.render import render_batch
+from diffalign.world.verify import verify_batch
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(save_unet(tmp_path_factory.mktemp("m") / "tiny.safetensors", tiny_unet(0), 32))
+
+
+def _train(model, out, *extra):
+    cfg = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
+        f"model={model}", "lora_rank=0", "epochs=2", "prompts_per_epoch=2", "group_size=2", "rollout.steps=2",
+        "rollout.sde_window=null", "eval.num_images=4", "eval.steps=2", "eval.every=1", "ckpt_every=1",
+        "grpo.minibatch_size=4", "reward=jpeg_incompressibility", "reward_kwargs={}", *extra])
+    Trainer(cfg, out).train()
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return [_train(tiny_model, root / "a-seed0", "seed=0"), _train(tiny_model, root / "a-seed1", "seed=1"),
+            _train(tiny_model, root / "b-seed0", "seed=0", "lr=3e-3")]
+
+
+def _figures(report):
+    return {s: {k: v for k, v in r.items() if k != "seconds"} for s, r in report["splits"].items()}
+
+
+def test_eval_scores_everything_and_is_deterministic(runs, tmp_path):
+    kw = dict(num_images=8, steps=2, splits=("test", "ood"), images_per_prompt=2)
+    a = evaluate(runs[0], tmp_path / "e1", **kw)
+    b = evaluate(runs[0], tmp_path / "e2", **kw)
+    assert _figures(a) == _figures(b)
+    t = a["splits"]["test"]
+    for key in ("score", "partial", "hallucinated", "misattributed", "missing", "lowlevel/flat_noise",
+                "renderer_lowlevel/highpass", "jpeg_kb", "diversity/pixel", "diversity/outcomes"):
+        assert key in t, key
+    assert t["diversity/pixel"] > 0  # two seeds of one prompt differ
+    if SHIPPED.is_file():
+        assert 0 <= t["proxy/score"] <= 1 and "proxy/gap" in t
+    for name in ("eval.json", "eval.md", "grid_test.png", "grid_ood.png"):
+        assert (tmp_path / "e1" / name).is_file()
+    assert json.loads((tmp_path / "e1" / "eval.json").read_text())["images_per_prompt"] == 2
+
+
+def test_diversity_of_identical_and_different_images():
+    prompts = ["a red circle"] * 2 + ["a blue square"] * 2
+    imgs = render_batch(prompts, [0, 0, 1, 2])
+    d = diversity(imgs, prompts, verify_batch(imgs, prompts))
+    # prompt 1: identical images (distance 0); prompt 2: two different layouts
+    assert 0 < d["diversity/pixel"] < 0.5
+    assert d["diversity/outcomes"] == pytest.approx(0.5)  # each prompt's images hold the same object set
+
+
+def test_eval_bad_inputs(runs, tmp_path, tiny_model, capsys):
+    with pytest.raises(DiffalignError, match="not a run directory"):
+        evaluate(tmp_path, tmp_path / "o", num_images=2, steps=1)
+    evaluate(runs[0], tmp_path / "ev", num_images=2, steps=1, splits=("test",), use_proxy=False)
+    with pytest.raises(DiffalignError, match="evaluation output, not a run"):
+        evaluate(tmp_path / "ev", tmp_path / "o", num_images=2, steps=1)
+    with pytest.raises(DiffalignError, match="divide"):
+        evaluate(runs[0], tmp_path / "o", num_images=3, steps=1, images_per_prompt=2)
+    # a checkpoint from another model: a reward model file, and a run whose weights do not fit its model
+    if SHIPPED.is_file():
+        with pytest.raises(CheckpointError, match="not a diffalign tiny-model checkpoint"):
+            evaluate(SHIPPED, tmp_path / "o", num_images=2, steps=1)
+    other_arch = UNetConfig(channels=(8, 16), attn_levels=(1,), groups=4, emb_dim=32, heads=2)
+    other = save_unet(tmp_path / "other.safetensors", FlowUNet(other_arch), 32)
+    broken = tmp_path / "broken"
+    shutil.copytree(runs[0], broken)
+    cfg = (broken / "config.yaml").read_text().replace(tiny_model, str(other))
+    (broken / "config.yaml").write_text(cfg)
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        evaluate(broken, tmp_path / "o", num_images=2, steps=1)
+    empty = tmp_path / "empty-run"
+    shutil.copytree(runs[0], empty)
+    shutil.rmtree(empty / "checkpoints")
+    with pytest.raises(CheckpointError, match="no checkpoint yet"):
+        evaluate(empty, tmp_path / "o", num_images=2, steps=1)
+    assert main(["eval", str(tmp_path / "ev"), "--num-images", "2", "--steps", "1"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_compare_groups_seeds_and_warns_on_mixed_configs(runs, tmp_path):
+    loaded = [load_run(r) for r in runs]
+    assert [len(g) for g in group_runs(loaded)] == [2, 1]
+    diffs = config_differences(loaded)
+    assert list(diffs) == ["lr"] and diffs["lr"][2] == 3e-3
+    with pytest.warns(MixedConfigWarning, match="lr"):
+        res = compare(runs, tmp_path / "cmp", target=0.0)
+    assert res["labels"][0] == "a" and len(res["groups"]) == 2
+    assert res["stats"][0]["runs"] == 2 and res["stats"][0]["seeds"] == [0, 1]
+    for name in ("compare.html", "compare.md", "curves.png", "bars.png", "compare.json"):
+        assert (tmp_path / "cmp" / name).is_file(), name
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert "data:image/png;base64," in page and "mixed-config-warning" in page
+    assert "src='http" not in page and 'src="http' not in page  # self-contained
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| lr |" in md and "Warning" in md
+
+    # same config, two seeds: no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MixedConfigWarning)
+        compare(runs[:2], tmp_path / "cmp2")
+
+
+def test_compare_bad_inputs(runs, tmp_path, capsys):
+    with pytest.raises(DiffalignError, match="not a run directory"):
+        compare([runs[0], tmp_path], tmp_path / "o")
+    with pytest.raises(DiffalignError, match="given twice"):
+        compare([runs[0], runs[0]], tmp_path / "o")
+    assert main(["compare", str(runs[0]), str(runs[2]), "--out", str(tmp_path / "c")]) == 0
+    assert "warning: the compared runs differ in more than their seed: lr" in capsys.readouterr().err
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)")
+def test_compare_html_renders_in_headless_chromium(runs, tmp_path):
+    with pytest.warns(MixedConfigWarning):
+        compare(runs, tmp_path / "cmp")
+    page = (tmp_path / "cmp" / "compare.html").resolve()
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--window-size=1280,2400", f"--screenshot={shot}", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), proc.stderr[-2000:]
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert img.shape[:2] == (2400, 1280)
+    nonwhite = (img.sum(axis=2) < 720).mean()
+    assert nonwhite > 0.02, "the page rendered (almost) blank"
+    # the inlined plots are drawn: matplotlib's first line colour (tab:blue) and the warning box (#fff3cd)
+    blue = (np.abs(img - np.array([31, 119, 180])).sum(axis=2) < 30).sum()
+    warn = (np.abs(img - np.array([255, 243, 205])).sum(axis=2) < 6).sum()
+    assert blue > 200 and warn > 1000
