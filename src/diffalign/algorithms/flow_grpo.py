@@ -73,6 +73,9 @@ class GRPOConfig:
     """Fraction of each sample's stochastic steps trained on per inner epoch (Flow-GRPO: 0.99, DanceGRPO: 0.6)."""
     minibatch_size: int = 32
     """Samples per optimizer step (gradients accumulate over their steps)."""
+    micro_batch_size: int = 0
+    """Samples per forward pass inside a minibatch (gradients accumulate; a memory knob for
+    large models, the update is the same). 0 = the whole minibatch in one forward."""
     inner_epochs: int = 1
     """Passes over each rollout."""
     max_grad_norm: float = 1.0
@@ -83,6 +86,8 @@ class GRPOConfig:
             raise ConfigError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.clip_range <= 0:
             raise ConfigError(f"clip_range must be positive, got {self.clip_range}")
+        if self.micro_batch_size < 0:
+            raise ConfigError(f"micro_batch_size must be >= 0 (0 = whole minibatch), got {self.micro_batch_size}")
         if self.minibatch_size < 1 or self.inner_epochs < 1:
             raise ConfigError("minibatch_size and inner_epochs must be at least 1")
         if self.reward_normalization not in ("sum", "per_reward"):
@@ -183,15 +188,21 @@ class GRPO:
             for start in range(0, b, c.minibatch_size):
                 idx = perm[start : start + c.minibatch_size]
                 optimizer.zero_grad(set_to_none=True)
+                micro = c.micro_batch_size or len(idx)
                 for j in range(n_steps):
-                    k = order[idx, j]
-                    loss, m = self._step_loss(policy, traj, idx, k, advantages[idx], conds.index(idx), generator)
-                    (loss / n_steps).backward()
-                    for key, v in m.items():
-                        sums[key] += float(v)
-                    count += 1
+                    for s0 in range(0, len(idx), micro):
+                        sub = idx[s0 : s0 + micro]
+                        k = order[sub, j]
+                        loss, m = self._step_loss(policy, traj, sub, k, advantages[sub], conds.index(sub), generator)
+                        if len(sub) < len(idx):  # a mean over the minibatch, accumulated by parts
+                            loss = loss * (len(sub) / len(idx))
+                        (loss / n_steps).backward()
+                        for key, v in m.items():
+                            sums[key] += float(v)
+                        count += 1
                 all_reduce_gradients(params)  # multi-process: average over ranks before clipping
-                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)) * n_steps
+                parts = n_steps * -(-len(idx) // micro)  # loss evaluations in this minibatch
+                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)) * parts
                 optimizer.step()
         return {k: v / max(count, 1) for k, v in sums.items()}
 
