@@ -77,7 +77,7 @@ def run(reward: str = "jpeg_compressibility", reward_kwargs: dict | None = None,
                              "--batch-wait-ms", str(batch_wait_ms), "--max-batch-images", str(max(64, batch * 8))],
                             env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        client = RemoteReward(url, budget_s=120, backoff_s=0.2, backoff_max_s=1.0)
+        client = RemoteReward(url, budget_s=900, backoff_s=0.2, backoff_max_s=1.0)  # startup: imports torch
         t0 = time.perf_counter()
         client.health()
         startup_s = time.perf_counter() - t0
