@@ -1,0 +1,124 @@
+"""One process of the multi-process tests (tests/test_distributed.py), or the single-process reference.
+
+Run under ``torchrun --nproc_per_node 2 tests/dist_worker.py MODEL OUT`` (gloo on CPU), or as
+``python tests/dist_worker.py MODEL OUT`` for the one-process run. For each algorithm it trains
+a tiny model for a few epochs and saves, per rank, ``OUT/<algo>_rank<r>.pt``: the advantages
+and group ids each update received, the final trainable parameters, and the run directory
+(rank 0's metrics hold the gathered reward means). ``--grad`` also checks that
+:func:`diffalign.distributed.all_reduce_gradients` yields the gradient of the whole batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from diffalign.config import load_config  # noqa: E402
+from diffalign.distributed import all_reduce_gradients, barrier, get_world, init_distributed  # noqa: E402
+from diffalign.training.trainer import TrainConfig, Trainer  # noqa: E402
+
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
+
+# 4 prompt groups of 4 images; 2 ranks take 2 groups each. rollout.batch_size = 8 makes the
+# single-process rollout run in the same two chunks of 8 images as the ranks (identical model
+# batches, so identical floats on CPU).
+COMMON = ["lora_rank=0", "prompts_per_epoch=4", "group_size=4", "rollout.steps=2", "rollout.batch_size=8",
+          "rollout.guidance_scale=1.0",
+          "rollout.sde_window=null", "eval.num_images=2", "eval.steps=1", "eval.every=0", "ckpt_every=1",
+          "lr=1e-3", "reward=jpeg_incompressibility", "reward_kwargs={}", "async_reward=false"]
+ALGOS = {
+    # global-std advantages: the std runs over every rank's rewards (gathered)
+    "grpo": ("flow_grpo.yaml", ["grpo.minibatch_size=4", "grpo.clip_range=0.2", "grpo.adv_std=global"]),
+    "crd": (None, ["algorithm=crd", "rollout.sampler=flow_sde", "crd.groups_per_microbatch=1", "crd.beta_kl=0.01",
+                   "crd.beta_min=0.001", "crd.kl_guidance=1.0"]),
+}
+
+
+def config(model: str, algo: str, *extra: str) -> TrainConfig:
+    preset, args = ALGOS[algo]
+    return load_config(TrainConfig, str(PRESETS / preset) if preset else None,
+                       [f"model={model}", *COMMON, *args, *extra])
+
+
+def run(model: str, out: Path, algo: str, epochs: int, *, resume: bool = False) -> None:
+    world = get_world()
+    run_dir = out / f"{algo}_run"
+    trainer = Trainer(config(model, algo, f"epochs={epochs}"), run_dir)
+    seen = []
+    update = trainer.algo.update
+
+    def recording_update(policy, optimizer, traj, advantages, generator):
+        seen.append({"group_ids": traj.group_ids.cpu().clone(), "advantages": advantages.cpu().clone(),
+                     "prompts": list(traj.prompts)})
+        return update(policy, optimizer, traj, advantages, generator)
+
+    trainer.algo.update = recording_update
+    trainer.train()
+    params = {k: v.detach().clone() for k, v in trainer.policy.trainable_state().items()}
+    torch.save({"updates": seen, "params": params, "world_size": world.world_size},
+               out / f"{algo}_rank{world.rank}.pt")
+
+    if not resume:
+        return
+    # resume from the previous epoch's checkpoint (rank 0 drops the last one) and redo the last epoch
+    if world.is_main:
+        shutil.rmtree(run_dir / "checkpoints" / f"step_{epochs:07d}")
+    barrier()
+    resumed = Trainer(config(model, algo, f"epochs={epochs}"), run_dir, resume=True)
+    assert resumed.start_epoch == epochs - 1, resumed.start_epoch
+    resumed.train()
+    torch.save({k: v.detach().clone() for k, v in resumed.policy.trainable_state().items()},
+               out / f"{algo}_resumed_rank{world.rank}.pt")
+
+
+def grad_check(out: Path) -> None:
+    """Per-rank half-batch gradients, averaged, equal the gradient of the whole batch's mean loss."""
+    world = get_world()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
+    unused = torch.nn.Linear(2, 2)  # a parameter no rank touches keeps grad None
+    x, y = torch.randn(8, 5, generator=torch.Generator().manual_seed(1)), torch.randn(8, 1)
+    params = [*net.parameters(), *unused.parameters()]
+    n = len(x) // world.world_size
+    rows = slice(world.rank * n, (world.rank + 1) * n)
+    ((net(x[rows]) - y[rows]) ** 2).mean().backward()
+    all_reduce_gradients(params)
+    got = [None if p.grad is None else p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    ((net(x) - y) ** 2).mean().backward()
+    want = [None if p.grad is None else p.grad.clone() for p in params]
+    torch.save({"got": got, "want": want}, out / f"grad_rank{world.rank}.pt")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("out")
+    ap.add_argument("--runs", default="grpo:2:resume,crd:1",
+                    help="ALGO:EPOCHS[:resume] items; resume redoes the last epoch from the previous checkpoint")
+    ap.add_argument("--grad", action="store_true")
+    args = ap.parse_args()
+    init_distributed()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.grad:
+        grad_check(out)
+    for item in args.runs.split(","):
+        algo, epochs, *flag = item.split(":")
+        run(args.model, out, algo, int(epochs), resume=flag == ["resume"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

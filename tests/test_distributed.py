@@ -1,0 +1,163 @@
+"""Multi-process training: ``torchrun --nproc_per_node 2`` (gloo, CPU) against the single-process run.
+
+One torchrun launch (tests/dist_worker.py) trains GRPO (global-std advantages) for two epochs
+on 2 ranks and resumes it from its first-epoch checkpoint, and CRD for one epoch; the same
+worker code runs the single-process reference (one epoch each) in this process meanwhile. Both sample the same 4 prompt
+groups; rank 0 takes groups 0–1, rank 1 groups 2–3, and the single-process rollout runs the
+same two chunks of 8 images, so the first epoch's images, rewards and advantages must match
+*exactly*. Later epochs may differ: a 2-rank update (two half-batches with their own
+step orders, gradients averaged) is a different optimizer step than the 1-process one.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_worker import run
+from tiny import tiny_unet
+
+from diffalign.distributed import (
+    World,
+    all_gather_tensor,
+    all_reduce_gradients,
+    get_world,
+    init_distributed,
+    shard_groups,
+)
+from diffalign.errors import ConfigError
+from diffalign.models.checkpoint import load_unet, save_unet
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ALGOS = ("grpo", "crd")
+EPOCHS = {"grpo": 2, "crd": 1}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    model = str(save_unet(root / "tiny.safetensors", tiny_unet(0), 32))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), model, str(root / "dist"), "--grad", "--runs", "grpo:2:resume,crd:1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        for algo in ALGOS:  # the single-process reference, while the two ranks run
+            run(model, root / "single", algo, 1)
+        log, _ = proc.communicate(timeout=float(os.environ.get("DIST_TEST_TIMEOUT", "600")))
+    finally:
+        if proc.poll() is None:  # torchrun stops its workers on SIGTERM
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, f"torchrun failed:\n{log[-4000:]}"
+    return {"root": root, "model": model}
+
+
+def _load(runs, name):
+    return torch.load(runs["root"] / name, weights_only=False)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_each_rank_holds_whole_groups_with_the_single_process_advantages(runs, algo):
+    single = _load(runs, f"single/{algo}_rank0.pt")["updates"][0]
+    ranks = [_load(runs, f"dist/{algo}_rank{r}.pt") for r in range(2)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    seen = []
+    for r, rank in enumerate(ranks):
+        first = rank["updates"][0]
+        # contiguous whole groups: rank 0 has groups 0-1, rank 1 groups 2-3, all 4 images of each
+        assert first["group_ids"].tolist() == [g for g in (2 * r, 2 * r + 1) for _ in range(4)]
+        rows = slice(8 * r, 8 * r + 8)
+        assert first["prompts"] == single["prompts"][rows]
+        # the same images, rewards and (globally normalised for GRPO) advantages, bit for bit
+        assert torch.equal(first["advantages"], single["advantages"][rows])
+        seen.append(first["advantages"])
+    assert torch.cat(seen).abs().sum() > 0  # real signal, not all-zero advantages
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_gathered_reward_means_match_and_rank0_alone_logs(runs, algo):
+    single, dist = _metrics(runs["root"] / "single" / f"{algo}_run"), _metrics(runs["root"] / "dist" / f"{algo}_run")
+    # one line per step: rank 0 alone writes (the other rank's identical rows are not logged)
+    assert [r["step"] for r in dist] == list(range(EPOCHS[algo] + 1)) and [r["step"] for r in single] == [0, 1]
+    first_s, first_d = single[1], dist[1]
+    for key in [k for k in first_s if k == "reward" or k.startswith("reward/") or k == "zero_signal_groups"]:
+        assert first_d[key] == first_s[key], key  # mean over all 16 images, gathered from both ranks
+    assert (runs["root"] / "dist" / f"{algo}_run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_parameters_identical_across_ranks_and_trained(runs, algo):
+    p0, p1 = (_load(runs, f"dist/{algo}_rank{r}.pt")["params"] for r in range(2))
+    assert p0.keys() == p1.keys()
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+    base, _, _ = load_unet(runs["model"])
+    base = base.state_dict()
+    assert any(not torch.equal(base[k], p0[k]) for k in p0), "the update changed nothing"
+
+
+def test_every_rank_resumes_from_the_same_checkpoint_exactly(runs):
+    for r in range(2):
+        full = _load(runs, f"dist/grpo_rank{r}.pt")["params"]
+        resumed = _load(runs, f"dist/grpo_resumed_rank{r}.pt")
+        assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_averaged_gradients_equal_the_whole_batch_gradient(runs):
+    for r in range(2):
+        g = _load(runs, f"dist/grad_rank{r}.pt")
+        for got, want in zip(g["got"], g["want"], strict=True):
+            if want is None:  # untouched on every rank: stays None, as in one process
+                assert got is None
+            else:
+                # mean of two half-batch means vs one mean of 8: equal up to float32 rounding
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_groups_are_never_split_and_shards_are_equal():
+    assert [shard_groups(8, World(r, 4, r, "gloo")) for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6),
+                                                                             slice(6, 8)]
+    with pytest.raises(ConfigError, match="not divisible by the 2 processes"):
+        shard_groups(3, World(1, 2, 1, "gloo"))
+
+
+def test_single_process_collectives_are_identity():
+    t = torch.arange(6.0)
+    assert all_gather_tensor(t) is t
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    all_reduce_gradients([p])
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"WORLD_SIZE": "2"}, "RANK, MASTER_ADDR, MASTER_PORT unset"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "ACCELERATE_USE_FSDP": "true"},
+     "does not shard parameters with FSDP / DeepSpeed"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
+      "ACCELERATE_USE_DEEPSPEED": "true"}, "configs/accelerate/ddp.yaml"),
+])
+def test_bad_launch_environment_fails_before_joining(monkeypatch, env, needle):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=needle):
+        init_distributed()
+
+
+def test_single_process_without_launcher(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed() == World(0, 1, 0, None) and get_world().is_main
