@@ -94,7 +94,9 @@ def config_differences(runs: list[Run]) -> dict[str, list[Any]]:
     for r in runs[1:]:
         keys |= set(config_diff(runs[0].config, r.config))
     flats = [_flat(r.config) for r in runs]
-    return {k: [f.get(k, MISSING) for f in flats] for k in sorted(keys - SEED_KEYS)}
+    diffs = {k: [f.get(k, MISSING) for f in flats] for k in keys - SEED_KEYS}
+    # fields set in every run first (real differences), then fields only some configs have
+    return dict(sorted(diffs.items(), key=lambda kv: (any(v is MISSING for v in kv[1]), kv[0])))
 
 
 def group_runs(runs: list[Run]) -> list[list[Run]]:
@@ -223,7 +225,8 @@ def _cell(stat: dict | Any) -> str:
     m, lo, hi = stat["mean"], stat["min"], stat["max"]
     if m is None:
         return "—"
-    fmt = (lambda x: f"{x:.0f}") if abs(m) >= 100 else (lambda x: f"{x:.3f}")
+    whole = all(float(x).is_integer() for x in (m, lo, hi))
+    fmt = (lambda x: f"{x:.0f}") if abs(m) >= 100 or (whole and abs(m) >= 1) else (lambda x: f"{x:.3f}")
     return fmt(m) if lo == hi else f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]"
 
 
