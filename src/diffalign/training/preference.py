@@ -49,7 +49,7 @@ from diffalign.config import config_to_dict, load_yaml
 from diffalign.data.preference import PreferenceDataset, load_preference_dataset
 from diffalign.errors import CheckpointError, ConfigError
 from diffalign.evaluation.grid import save_grid
-from diffalign.models.tiny import TinyFlowPolicy
+from diffalign.models.factory import FAMILIES, ModelOptions, build_policy
 from diffalign.sampling.rollout import RolloutConfig, rollout
 from diffalign.training.rundir import (
     MetricsLogger,
@@ -129,7 +129,13 @@ class PreferenceConfig:
     data: str = "runs/prefs_shapes"
     """Preference dataset directory (diffalign data prefs --out DIR; docs/data.md)."""
     model: str | None = None
-    """Tiny-model checkpoint to fine-tune (None = the shipped ShapesWorld base)."""
+    """Tiny-model checkpoint to fine-tune (None = the shipped ShapesWorld base), or a local
+    diffusers pipeline directory for model_family sd3 / flux / sd15."""
+    model_family: str = "tiny"
+    """Model family: tiny (ShapesWorld), sd3, flux or sd15 (SD1.5 needs model_options.flow_view:
+    the losses use flow-matching errors). The image size is the dataset's."""
+    model_options: ModelOptions = field(default_factory=ModelOptions)
+    """dtype, LoRA targets, gradient checkpointing, device, ... of the diffusers adapters."""
     seed: int = 0
     """Seed of every random draw."""
     epochs: int = 1
@@ -312,7 +318,14 @@ class PreferenceTrainer:
         else:
             self.run.create(config_to_dict(cfg))
         torch.manual_seed(cfg.seed)
-        self.policy = TinyFlowPolicy.from_checkpoint(cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+        if cfg.model_family not in FAMILIES:
+            raise ConfigError(f"unknown model_family {cfg.model_family!r}; available: {', '.join(FAMILIES)}")
+        self.policy = build_policy(cfg.model_family, cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                   image_size=None if cfg.model_family == "tiny" else self.data.image_size,
+                                   options=cfg.model_options)
+        if self.policy.prediction != "flow":
+            raise ConfigError(f"the preference losses use flow-matching errors; the {cfg.model_family} model predicts "
+                              f"{self.policy.prediction!r}: set model_options.flow_view=true")
         if self.policy.image_size != self.data.image_size:
             raise ConfigError(f"{cfg.data} holds {self.data.image_size}px images, the model makes "
                               f"{self.policy.image_size}px ones")
@@ -365,7 +378,7 @@ class PreferenceTrainer:
 
     # -- phases ------------------------------------------------------------------------
     def _noised(self, x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor):
-        s = sigma.view(-1, 1, 1, 1)
+        s, eps = sigma.to(x0.device).view(-1, 1, 1, 1), eps.to(x0.device)
         return (1 - s) * x0 + s * eps, eps - x0
 
     def _errors(self, x0s: list[torch.Tensor], cond, sigma, eps, ref_ctx):
@@ -400,7 +413,8 @@ class PreferenceTrainer:
         b = len(batch.prompts)
         sigma = (torch.sigmoid(torch.randn(b, generator=gen)) if cfg.timesteps == "logit_normal"
                  else torch.rand(b, generator=gen))
-        eps = torch.randn(batch.winners.shape, generator=gen)
+        # noise in the model's latent space (pixel space for the tiny model)
+        eps = torch.randn((b, *self.policy.latent_shape(*batch.winners.shape[-2:])), generator=gen)
         cond = self.policy.encode(batch.prompts)
         x_w = self.policy.encode_images(batch.winners)
         extra: dict[str, float] = {}
