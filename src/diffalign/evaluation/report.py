@@ -146,9 +146,13 @@ def proxy_stats(proxy, images: torch.Tensor, prompts: list[str], verdicts: list,
         s = proxy(images, prompts, [{} for _ in prompts]).scores.double()
     score = torch.tensor([v.score for v in verdicts], dtype=torch.float64)
     partial = torch.tensor([v.partial for v in verdicts], dtype=torch.float64)
-    return {f"{prefix}/score": float(s.mean()), f"{prefix}/pearson_score": pearson(s, score),
-            f"{prefix}/pearson_partial": pearson(s, partial), f"{prefix}/agreement": float(((s > 0.5).double() == score)
-                                                                                          .double().mean()),
+    def corr(a, b):  # None (JSON null) when one side is constant, e.g. every image fails
+        r = pearson(a, b)
+        return None if r != r else r
+
+    return {f"{prefix}/score": float(s.mean()), f"{prefix}/pearson_score": corr(s, score),
+            f"{prefix}/pearson_partial": corr(s, partial),
+            f"{prefix}/agreement": float(((s > 0.5).double() == score).double().mean()),
             f"{prefix}/gap": float(s.mean() - score.mean())}
 
 
