@@ -158,29 +158,6 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _cmd_reward_server(args) -> int:
-    from diffalign.rewards import available_rewards, build_reward
-    from diffalign.rewards.server import ServerConfig, serve
-
-    try:
-        kwargs = json.loads(args.reward_kwargs)
-    except ValueError as e:
-        raise DiffalignError(f"--reward-kwargs must be a JSON object, e.g. '{{\"mode\": \"score\"}}' ({e})") from e
-    if not isinstance(kwargs, dict):
-        raise DiffalignError(f"--reward-kwargs must be a JSON object, got {args.reward_kwargs!r}")
-    if args.reward == "remote":
-        raise DiffalignError("a reward server cannot serve the remote client; choose one of: "
-                             + ", ".join(r for r in available_rewards() if r != "remote"))
-    cfg = ServerConfig(max_batch_images=args.max_batch_images, batch_wait_ms=args.batch_wait_ms,
-                       max_request_mb=args.max_request_mb, max_images_per_request=args.max_images_per_request,
-                       request_timeout_s=args.timeout_s)
-    reward = build_reward(args.reward, **kwargs)  # load the model before accepting requests
-    print(f"serving reward {getattr(reward, 'name', args.reward)!r} on http://{args.host}:{args.port} "
-          f"(POST /score, GET /health)", flush=True)
-    serve(reward, args.host, args.port, cfg, log_level=args.log_level)
-    return 0
-
-
 def _cmd_data_proxy_pairs(args) -> int:
     from diffalign.config import load_config
     from diffalign.training.proxy import ProxyPairsConfig, build_proxy_pairs, describe_pairs, save_pairs
@@ -231,6 +208,29 @@ def _cmd_proxy_eval(args) -> int:
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_reward_server(args) -> int:
+    from diffalign.rewards import available_rewards, build_reward
+    from diffalign.rewards.server import ServerConfig, serve
+
+    try:
+        kwargs = json.loads(args.reward_kwargs)
+    except ValueError as e:
+        raise DiffalignError(f"--reward-kwargs must be a JSON object, e.g. '{{\"mode\": \"score\"}}' ({e})") from e
+    if not isinstance(kwargs, dict):
+        raise DiffalignError(f"--reward-kwargs must be a JSON object, got {args.reward_kwargs!r}")
+    if args.reward == "remote":
+        raise DiffalignError("a reward server cannot serve the remote client; choose one of: "
+                             + ", ".join(r for r in available_rewards() if r != "remote"))
+    cfg = ServerConfig(max_batch_images=args.max_batch_images, batch_wait_ms=args.batch_wait_ms,
+                       max_request_mb=args.max_request_mb, max_images_per_request=args.max_images_per_request,
+                       request_timeout_s=args.timeout_s)
+    reward = build_reward(args.reward, **kwargs)  # load the model before accepting requests
+    print(f"serving reward {getattr(reward, 'name', args.reward)!r} on http://{args.host}:{args.port} "
+          f"(POST /score, GET /health)", flush=True)
+    serve(reward, args.host, args.port, cfg, log_level=args.log_level)
     return 0
 
 
