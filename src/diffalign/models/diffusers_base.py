@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from diffalign.errors import CheckpointError, ConfigError
+from diffalign.models.parameter_sets import ParameterSets
 
 __all__ = ["DTYPES", "AdapterPolicy", "DiffusersConditioning", "PromptCache", "local_model_dir", "parse_dtype"]
 
@@ -173,7 +174,7 @@ def _linear_suffixes(model: nn.Module, limit: int = 12) -> str:
     return ", ".join(names[:limit]) + (" …" if len(names) > limit else "")
 
 
-class AdapterPolicy(nn.Module):
+class AdapterPolicy(ParameterSets, nn.Module):
     """``Policy`` machinery around a diffusers denoiser and VAE (see the module docstring).
 
     Subclasses set ``prediction`` and implement ``encode(prompts)`` and
@@ -357,81 +358,6 @@ class AdapterPolicy(nn.Module):
                 m.gradient_checkpointing = True
 
     # -- parameter sets ----------------------------------------------------------------------
-    def trainable_state(self) -> dict[str, nn.Parameter]:
-        """The ``"policy"`` parameter set: name → parameter (LoRA weights, or the whole denoiser)."""
-        return {n: p for n, p in self.denoiser.named_parameters() if p.requires_grad}
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.trainable_state().values())
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """Run the base model: adapters off (LoRA) or the base weights swapped in (full FT)."""
-        if self.lora_rank > 0:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            layers = [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer)]
-            for m in layers:
-                m.enable_adapters(False)
-            try:
-                yield
-            finally:
-                for m in layers:
-                    m.enable_adapters(True)
-        else:
-            with self._swapped(self._base_params):
-                yield
-
-    def save_snapshot(self, name: str) -> None:
-        """Copy the current trainable parameters into snapshot ``name``."""
-        self._snapshots[name] = {k: p.detach().clone() for k, p in self.trainable_state().items()}
-
-    def has_snapshot(self, name: str) -> bool:
-        return name in self._snapshots
-
-    def snapshot_names(self) -> list[str]:
-        return list(self._snapshots)
-
-    def drop_snapshot(self, name: str) -> None:
-        self._snapshots.pop(name, None)
-
-    @torch.no_grad()
-    def ema_snapshot(self, name: str, decay: float) -> None:
-        """``snapshot ← decay·snapshot + (1 − decay)·θ`` (creates it from θ if absent)."""
-        if name not in self._snapshots:
-            self.save_snapshot(name)
-            return
-        snap = self._snapshots[name]
-        for k, p in self.trainable_state().items():
-            snap[k].mul_(decay).add_(p.detach().to(snap[k].dtype), alpha=1 - decay)
-
-    def snapshot_state(self) -> dict[str, dict[str, Tensor]]:
-        """All snapshots (for checkpoints)."""
-        return self._snapshots
-
-    def load_snapshot_state(self, state: dict[str, dict[str, Tensor]]) -> None:
-        dev = self.device
-        self._snapshots = {n: {k: v.to(dev).clone() for k, v in s.items()} for n, s in state.items()}
-
-    @contextlib.contextmanager
-    def use_snapshot(self, name: str) -> Iterator[None]:
-        """Temporarily run with snapshot ``name`` in place of the trainable parameters."""
-        if name not in self._snapshots:
-            raise KeyError(f"no snapshot named {name!r}; have {sorted(self._snapshots)}")
-        with self._swapped(self._snapshots[name]):
-            yield
-
-    @contextlib.contextmanager
-    def _swapped(self, values: dict[str, Tensor]) -> Iterator[None]:
-        """Run forwards with ``values`` in place of the named parameters; nothing is written in
-        place, so a pending autograd graph of the trainable parameters stays valid."""
-        previous = self._override
-        self._override = {**(previous or {}), **values}
-        try:
-            yield
-        finally:
-            self._override = previous
-
     def save_trainable(self, path: str | Path) -> Path:
         """The trainable parameters (LoRA weights in peft naming, or the full denoiser) as a
         safetensors file."""

@@ -13,8 +13,6 @@ batched classifier-free guidance, ``decode``, ``latent_shape``; plus parameter s
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from torch import nn
 
 from diffalign.errors import ConfigError
 from diffalign.models.checkpoint import load_unet, save_unet
+from diffalign.models.parameter_sets import ParameterSets
 from diffalign.models.text import Conditioning, TextEncoder, shared_text_encoder
 from diffalign.models.unet import FlowUNet
 
@@ -29,8 +28,10 @@ from diffalign.models.unet import FlowUNet
 DEFAULT_LORA_TARGETS = ("q", "kv", "out", "conv1", "conv2", "emb")
 
 
-class TinyFlowPolicy(nn.Module):
+class TinyFlowPolicy(ParameterSets, nn.Module):
     """ShapesWorld policy. Images live in [-1, 1] pixel space; ``decode`` maps to [0, 1]."""
+
+    _denoiser_attr = "unet"
 
     prediction = "flow"
 
@@ -143,78 +144,4 @@ class TinyFlowPolicy(nn.Module):
         """Images in [0, 1] → latents in [-1, 1] (for forward-process and preference methods)."""
         return images.float() * 2 - 1
 
-    # -- parameter sets ----------------------------------------------------------------
-    def trainable_state(self) -> dict[str, torch.nn.Parameter]:
-        """The ``"policy"`` parameter set: name → parameter."""
-        return {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.trainable_state().values())
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """Run the base model: adapters off (LoRA) or the base weights swapped in (full FT)."""
-        if self.lora_rank > 0:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
-            for m in layers:
-                m.enable_adapters(False)
-            try:
-                yield
-            finally:
-                for m in layers:
-                    m.enable_adapters(True)
-        else:
-            with self._swapped(self._base_params):
-                yield
-
-    def save_snapshot(self, name: str) -> None:
-        """Copy the current trainable parameters into snapshot ``name``."""
-        self._snapshots[name] = {k: p.detach().clone() for k, p in self.trainable_state().items()}
-
-    def has_snapshot(self, name: str) -> bool:
-        return name in self._snapshots
-
-    def snapshot_names(self) -> list[str]:
-        return list(self._snapshots)
-
-    def drop_snapshot(self, name: str) -> None:
-        self._snapshots.pop(name, None)
-
-    @torch.no_grad()
-    def ema_snapshot(self, name: str, decay: float) -> None:
-        """``snapshot ← decay·snapshot + (1 − decay)·θ`` (creates it from θ if absent)."""
-        if name not in self._snapshots:
-            self.save_snapshot(name)
-            return
-        snap = self._snapshots[name]
-        for k, p in self.trainable_state().items():
-            snap[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
-
-    def snapshot_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """All snapshots (for checkpoints)."""
-        return self._snapshots
-
-    def load_snapshot_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        self._snapshots = {n: {k: v.clone() for k, v in s.items()} for n, s in state.items()}
-
-    @contextlib.contextmanager
-    def use_snapshot(self, name: str) -> Iterator[None]:
-        """Temporarily run with snapshot ``name`` in place of the trainable parameters."""
-        if name not in self._snapshots:
-            raise KeyError(f"no snapshot named {name!r}; have {sorted(self._snapshots)}")
-        with self._swapped(self._snapshots[name]):
-            yield
-
-    @contextlib.contextmanager
-    def _swapped(self, values: dict[str, torch.Tensor]) -> Iterator[None]:
-        """Run forwards with ``values`` in place of the named parameters. Nothing is written
-        in place (``torch.func.functional_call``), so a pending autograd graph of the
-        trainable parameters stays valid."""
-        previous = self._override
-        self._override = {**(previous or {}), **values}
-        try:
-            yield
-        finally:
-            self._override = previous
+    # parameter sets (trainable state, reference, snapshots): ParameterSets
