@@ -28,12 +28,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import fields
 
-import psutil
 import torch
+from _peak_rss import PeakRSS
 
 from diffalign.algorithms.flow_grpo import GRPO, GRPOConfig
 from diffalign.algorithms.forward import CRDConfig, ForwardProcess
@@ -43,28 +42,6 @@ from diffalign.sampling.rollout import RolloutConfig, rollout
 PROMPTS = ["a red circle to the left of a blue square", "three green triangles", "a purple square",
            "a yellow circle above an orange triangle", "two blue circles", "a red triangle and a green square",
            "an orange circle", "four purple triangles"]
-
-
-class _PeakRSS:
-    """Samples the process's resident memory every 2 ms in a thread."""
-
-    def __enter__(self):
-        self.proc = psutil.Process()
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def _tensor_bytes(obj) -> int:
@@ -96,7 +73,7 @@ def worker(method: str, images: int, steps: int, train_steps: int) -> dict:
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
     _iteration(method, policy, opt, 8, 2, 1, seed=1)  # warm-up: lazy loads, Adam state, allocator
     t0 = time.perf_counter()
-    with _PeakRSS() as mem:
+    with PeakRSS() as mem:
         out = _iteration(method, policy, opt, images, steps, train_steps, seed=0)
     return {"method": method, "images": images, "steps": steps, "seconds": time.perf_counter() - t0,
             "stored_mb": _tensor_bytes(out) / 2**20, "peak_rss_delta_mb": (mem.peak - mem.base) / 2**20}

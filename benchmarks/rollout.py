@@ -12,36 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 
-import psutil
 import torch
+from _peak_rss import PeakRSS
 
 from diffalign.models.tiny import TinyFlowPolicy
 from diffalign.sampling.rollout import RolloutConfig, rollout
-
-
-class _PeakRSS:
-    """Samples the process's resident memory every 5 ms in a thread."""
-
-    def __enter__(self):
-        self.proc = psutil.Process()
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def measure(policy: TinyFlowPolicy, images: int, steps: int, cfg: float, bf16: bool, repeats: int) -> dict:
@@ -63,7 +40,7 @@ def measure(policy: TinyFlowPolicy, images: int, steps: int, cfg: float, bf16: b
     totals, forwards = [], []
     policy.unet.forward = timed
     try:
-        with _PeakRSS() as mem:
+        with PeakRSS() as mem:
             for r in range(repeats):
                 forward_s = 0.0
                 t0 = time.perf_counter()
