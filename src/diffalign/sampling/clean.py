@@ -20,14 +20,10 @@ from diffalign.sampling.rollout import (
     IndexLike,
     RolloutConfig,
     _chunks,
-    _device,
-    _group_index,
     _initial_noise,
-    _make_schedule,
-    _model_for,
     _model_output,
     _randn,
-    _shared_flags,
+    _setup,
     _transition,
 )
 
@@ -105,14 +101,8 @@ def sample_clean(
     Returns:
         :class:`CleanSamples` on the policy's device.
     """
-    prompts = list(prompts)
-    gids = torch.as_tensor(group_ids, dtype=torch.long).cpu()
-    group_index, num_groups = _group_index(gids, len(prompts))
-    shared = _shared_flags(config, shared_groups, num_groups)
-    model = _model_for(policy, config.sampler)
-    device = _device(model)
-    sched = _make_schedule(model, config, device)
-    shape = tuple(model.latent_shape(model.image_size, model.image_size))
+    prompts, gids, group_index, shared, model, device, sched, shape = _setup(
+        policy, prompts, group_ids, config, shared_groups)
     b = len(prompts)
 
     x = _initial_noise(shape, group_index, shared, generator, device)

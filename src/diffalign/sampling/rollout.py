@@ -374,6 +374,21 @@ def _chunks(n: int, size: int) -> list[slice]:
 # --------------------------------------------------------------------------- public API
 
 
+def _setup(policy: Any, prompts, group_ids, config: RolloutConfig, shared_groups: Tensor | None):
+    """What every sampling loop needs first: prompts as a list, group ids on CPU, each
+    sample's group index, per-group shared-noise flags, the model for the sampler, its
+    device, the sigma schedule and the latent shape."""
+    prompts = list(prompts)
+    gids = torch.as_tensor(group_ids, dtype=torch.long).cpu()
+    group_index, num_groups = _group_index(gids, len(prompts))
+    shared = _shared_flags(config, shared_groups, num_groups)
+    model = _model_for(policy, config.sampler)
+    device = _device(model)
+    sched = _make_schedule(model, config, device)
+    shape = tuple(model.latent_shape(model.image_size, model.image_size))
+    return prompts, gids, group_index, shared, model, device, sched, shape
+
+
 @torch.no_grad()
 def rollout(
     policy: Any,
@@ -400,14 +415,8 @@ def rollout(
     Returns:
         a :class:`Trajectory` on the policy's device.
     """
-    prompts = list(prompts)
-    gids = torch.as_tensor(group_ids, dtype=torch.long).cpu()
-    group_index, num_groups = _group_index(gids, len(prompts))
-    shared = _shared_flags(config, shared_groups, num_groups)
-    model = _model_for(policy, config.sampler)
-    device = _device(model)
-    sched = _make_schedule(model, config, device)
-    shape = tuple(model.latent_shape(model.image_size, model.image_size))
+    prompts, gids, group_index, shared, model, device, sched, shape = _setup(
+        policy, prompts, group_ids, config, shared_groups)
     b, steps = len(prompts), config.steps
 
     x = _initial_noise(shape, group_index, shared, generator, device)
