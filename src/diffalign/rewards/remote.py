@@ -125,7 +125,7 @@ class RemoteReward:
     def _request(self, path: str, body: bytes | None) -> dict:
         """One request with retries and exponential backoff inside ``budget_s``."""
         start = time.monotonic()
-        delay, tries, last = self.backoff_s, 0, ""
+        delay, tries, seen = self.backoff_s, 0, {}  # error text -> count, in first-seen order
         while True:
             remaining = self.budget_s - (time.monotonic() - start)
             tries += 1
@@ -134,13 +134,17 @@ class RemoteReward:
             except _Fatal as e:
                 raise RewardError(f"reward {self.name!r}: {e}") from e
             except (OSError, ConnectionError, TimeoutError, ValueError) as e:  # refused, reset, timeout, bad JSON
-                last = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}"
+                text = str(e) if isinstance(e, ConnectionError) and str(e).startswith("HTTP ") else \
+                    f"{type(e).__name__}: {getattr(e, 'reason', None) or e}"
+                seen[text[:300]] = seen.get(text[:300], 0) + 1
             sleep = min(delay, self.backoff_max_s) * (0.5 + 0.5 * random.random())
             elapsed = time.monotonic() - start
             if elapsed + sleep >= self.budget_s:
                 raise RewardError(
                     f"reward {self.name!r}: no answer after {tries} attempt(s) over {elapsed:.1f} s "
-                    f"(budget_s={self.budget_s:g}); last error: {last}. Is the server running and reachable? "
+                    f"(budget_s={self.budget_s:g}); errors: "
+                    + "; ".join(f"{t} (x{n})" for t, n in seen.items())
+                    + ". Is the server running and reachable? "
                     f"Start it with `diffalign reward-server --reward NAME --host 0.0.0.0 --port PORT`, check "
                     f"`curl {self.url}/health`, or raise reward_kwargs.budget_s."
                 )
