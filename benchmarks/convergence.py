@@ -17,6 +17,16 @@ step-0 score), high-level hallucination (hallucinated + mis-attributed objects p
 image), low-level hallucination (flat-region noise), diversity within a prompt (pixel) and
 the proxy-vs-verifier gap (mean ShapesScore − verifier score on the test images).
 
+The final evaluation samples with each run's own ``eval.guidance_scale`` (CFG-free presets
+such as ``crd`` are used without CFG) unless ``--eval-guidance`` fixes one for all; the table
+has a column for it, and ``--base`` adds a row for the shipped base model (or ``--set
+model=...``) at every guidance the runs used, so each method has its own starting point.
+
+``--reuse`` keeps any run whose training finished and whose ``eval/eval.json`` was made with
+the same evaluation settings, so an interrupted benchmark continues where it stopped and
+presets can be split across processes (``--set threads=1``) and gathered by one last call
+with every preset and ``--reuse``.
+
 Prints JSON and a markdown table; writes ``OUT/convergence.json``, ``OUT/convergence.md``
 and a ``diffalign compare`` report of all runs in ``OUT/compare/``.
 """
@@ -57,6 +67,26 @@ def run_preset(preset: str, seed: int, out: Path, minutes: float, overrides: lis
     return {"ok": proc.returncode == 0, "seconds": time.perf_counter() - t0, "error": err, "command": " ".join(cmd)}
 
 
+def run_guidance(run_dir: Path, fixed: float | None) -> float:
+    """CFG weight of a run's final evaluation: ``fixed`` or the run's own ``eval.guidance_scale``."""
+    if fixed is not None:
+        return fixed
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    return float((cfg.get("eval") or {}).get("guidance_scale", 4.5))
+
+
+def reusable_eval(eval_dir: Path, settings: dict) -> dict | None:
+    """The eval.json in ``eval_dir`` if it was made with ``settings`` (num_images, steps, ...)."""
+    f = eval_dir / "eval.json"
+    if not f.is_file():
+        return None
+    ev = json.loads(f.read_text())
+    same = all(ev.get(k) == v for k, v in settings.items()) and all(s in ev.get("splits", {}) for s in ("test", "ood"))
+    return ev if same else None
+
+
 def first_reaching(rows: list[dict], target: float) -> tuple[float | None, float | None]:
     """(step, training minutes) of the first periodic evaluation with score ≥ target."""
     for r in rows:
@@ -83,11 +113,12 @@ def run_figures(run_dir: Path, ev: dict | None, target: float | None, target_gai
         fig |= {"test_score": t.get("score"), "ood_score": o.get("score"),
                 "high_level_hallucination": t.get("high_level_hallucination"),
                 "flat_noise": t.get("lowlevel/flat_noise"), "diversity": t.get("diversity/pixel"),
-                "proxy_score": t.get("proxy/score"), "proxy_gap": t.get("proxy/gap")}
+                "proxy_score": t.get("proxy/score"), "proxy_gap": t.get("proxy/gap"),
+                "eval_guidance": ev.get("guidance_scale")}
     return fig
 
 
-COLUMNS = [("test_score", "verifier test"), ("ood_score", "verifier ood"), ("steps_to_target", "steps to target"),
+COLUMNS = [("eval_guidance", "eval CFG"), ("test_score", "verifier test"), ("ood_score", "verifier ood"), ("steps_to_target", "steps to target"),
            ("minutes_to_target", "min to target"), ("high_level_hallucination", "high-level halluc. / img"),
            ("flat_noise", "flat-region noise"), ("diversity", "diversity"), ("proxy_gap", "proxy − verifier")]
 
@@ -105,7 +136,8 @@ def aggregate(figs: list[dict]) -> dict:
 def _cell(a: dict | None, n_runs: int, key: str) -> str:
     if a is None:
         return "not reached" if key.endswith("to_target") else "—"
-    fmt = "{:.0f}" if key == "steps_to_target" else ("{:.1f}" if key == "minutes_to_target" else "{:.3f}")
+    fmt = "{:.0f}" if key == "steps_to_target" else ("{:.1f}" if key in ("minutes_to_target", "eval_guidance")
+                                                     else "{:.3f}")
     s = fmt.format(a["mean"]) if a["min"] == a["max"] else (
         f"{fmt.format(a['mean'])} [{fmt.format(a['min'])}, {fmt.format(a['max'])}]")
     if key.endswith("to_target") and a["n"] < n_runs:
@@ -115,6 +147,10 @@ def _cell(a: dict | None, n_runs: int, key: str) -> str:
 
 def markdown(result: dict) -> str:
     lines = ["| method | seeds | " + " | ".join(h for _, h in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    for g, fig in sorted(result.get("base", {}).items()):
+        cells = [_cell({"mean": fig[k], "min": fig[k], "max": fig[k], "n": 1} if isinstance(fig.get(k), int | float)
+                       else None, 1, k) if not k.endswith("to_target") else "—" for k, _ in COLUMNS]
+        lines.append(f"| base model | — | " + " | ".join(cells) + " |")
     for name, r in result["presets"].items():
         ok = [s for s in r["runs"] if s["ok"]]
         if not ok:
@@ -147,6 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--timeout", type=float, default=None, help="seconds before a training subprocess is killed")
     ap.add_argument("--out", default="runs/convergence", help="output directory")
     ap.add_argument("--no-compare", action="store_true", help="skip the diffalign compare report")
+    ap.add_argument("--eval-guidance", type=float, default=None,
+                    help="CFG of the final evaluation for every run (default: each run's eval.guidance_scale)")
+    ap.add_argument("--base", action="store_true", help="add a row for the base model at each guidance used")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep finished runs (summary.json + eval.json with the same settings) instead of rerunning")
     args = ap.parse_args(argv)
 
     from diffalign.evaluation.report import evaluate
@@ -163,18 +204,31 @@ def main(argv: list[str] | None = None) -> dict:
                                  "images_per_prompt": args.images_per_prompt, "target": args.target,
                                  "target_gain": None if args.target is not None else args.target_gain},
                     "presets": {}}
-    done_dirs = []
+    done_dirs, used_guidance = [], set()
     for name in names:
         runs = []
         for seed in seeds:
             rd = out / f"{name}-seed{seed}"
             info = {"seed": seed, "run_dir": str(rd)}
-            print(f"[convergence] {name} seed {seed} ...", file=sys.stderr, flush=True)
-            info |= run_preset(name, seed, rd, args.minutes, args.overrides, args.timeout)
+            record = rd / "convergence_run.json"
+            if args.reuse and (rd / "summary.json").is_file() and record.is_file():
+                info |= json.loads(record.read_text()) | {"reused": True}
+                print(f"[convergence] {name} seed {seed}: reusing the finished run", file=sys.stderr, flush=True)
+            else:
+                print(f"[convergence] {name} seed {seed} ...", file=sys.stderr, flush=True)
+                info |= run_preset(name, seed, rd, args.minutes, args.overrides, args.timeout)
+                if info["ok"]:
+                    record.write_text(json.dumps({k: info[k] for k in ("ok", "seconds", "error", "command")}))
             if info["ok"]:
                 try:
-                    ev = evaluate(rd, rd / "eval", num_images=args.eval_images, steps=args.eval_steps,
-                                  images_per_prompt=args.images_per_prompt)
+                    g = run_guidance(rd, args.eval_guidance)
+                    used_guidance.add(g)
+                    settings = {"num_images": args.eval_images, "steps": args.eval_steps, "guidance_scale": g,
+                                "images_per_prompt": args.images_per_prompt}
+                    ev = reusable_eval(rd / "eval", settings) if args.reuse else None
+                    if ev is None:
+                        ev = evaluate(rd, rd / "eval", num_images=args.eval_images, steps=args.eval_steps,
+                                      guidance_scale=g, images_per_prompt=args.images_per_prompt)
                 except Exception as e:  # noqa: BLE001 - reported in the table, the benchmark goes on
                     ev, info["eval_error"] = None, f"{type(e).__name__}: {e}"
                 info["figures"] = run_figures(rd, ev, args.target, None if args.target is not None else args.target_gain)
@@ -184,6 +238,23 @@ def main(argv: list[str] | None = None) -> dict:
             runs.append(info)
         ok = [r["figures"] for r in runs if r["ok"]]
         result["presets"][name] = {"runs": runs, "aggregate": aggregate(ok) if ok else {}}
+    if args.base:
+        result["base"] = {}
+        model = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("model=")), "base")
+        for g in sorted(used_guidance or {args.eval_guidance or 4.5}):
+            bd = out / f"base-cfg{g:g}"
+            settings = {"num_images": args.eval_images, "steps": args.eval_steps, "guidance_scale": g,
+                        "images_per_prompt": args.images_per_prompt}
+            ev = reusable_eval(bd, settings) if args.reuse else None
+            if ev is None:
+                print(f"[convergence] base model, CFG {g:g} ...", file=sys.stderr, flush=True)
+                ev = evaluate(model, bd, num_images=args.eval_images, steps=args.eval_steps, guidance_scale=g,
+                              images_per_prompt=args.images_per_prompt)
+            t, o = ev["splits"]["test"], ev["splits"]["ood"]
+            result["base"][f"{g:g}"] = {
+                "eval_guidance": g, "test_score": t.get("score"), "ood_score": o.get("score"),
+                "high_level_hallucination": t.get("high_level_hallucination"), "flat_noise": t.get("lowlevel/flat_noise"),
+                "diversity": t.get("diversity/pixel"), "proxy_score": t.get("proxy/score"), "proxy_gap": t.get("proxy/gap")}
     if done_dirs and not args.no_compare:
         from diffalign.evaluation.compare import compare
 

@@ -45,7 +45,19 @@ def test_convergence_tiny_budget(tmp_path, tiny_model, capsys):
     conv = tmp_path / "conv"
     assert json.loads((conv / "convergence.json").read_text())["settings"]["seeds"] == [0]
     assert (conv / "convergence.md").is_file() and (conv / "compare" / "compare.html").is_file()
-    assert (conv / "flow_grpo-seed0" / "eval" / "eval.json").is_file()
+    ev_file = conv / "flow_grpo-seed0" / "eval" / "eval.json"
+    assert json.loads(ev_file.read_text())["guidance_scale"] == 4.5  # the preset's eval.guidance_scale
+    stamp = ev_file.stat().st_mtime_ns
+
+    # --reuse keeps the finished run and its evaluation; --base adds the base model's row
+    again = bench.main(args + ["--reuse", "--base"])
+    run = again["presets"]["flow_grpo"]["runs"][0]
+    assert run["ok"] and run.get("reused") and ev_file.stat().st_mtime_ns == stamp
+    assert again["presets"]["flow_grpo"]["aggregate"]["test_score"] == agg["test_score"]
+    base = again["base"]["4.5"]
+    assert base["eval_guidance"] == 4.5 and 0 <= base["test_score"] <= 1
+    assert (conv / "base-cfg4.5" / "eval.json").is_file()
+    assert "| base model | — | 4.5 |" in (conv / "convergence.md").read_text()
 
 
 def test_convergence_reports_failed_runs(tmp_path):
