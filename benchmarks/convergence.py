@@ -147,10 +147,10 @@ def _cell(a: dict | None, n_runs: int, key: str) -> str:
 
 def markdown(result: dict) -> str:
     lines = ["| method | seeds | " + " | ".join(h for _, h in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
-    for g, fig in sorted(result.get("base", {}).items()):
+    for _g, fig in sorted(result.get("base", {}).items()):
         cells = [_cell({"mean": fig[k], "min": fig[k], "max": fig[k], "n": 1} if isinstance(fig.get(k), int | float)
                        else None, 1, k) if not k.endswith("to_target") else "—" for k, _ in COLUMNS]
-        lines.append(f"| base model | — | " + " | ".join(cells) + " |")
+        lines.append("| base model | — | " + " | ".join(cells) + " |")
     for name, r in result["presets"].items():
         ok = [s for s in r["runs"] if s["ok"]]
         if not ok:
