@@ -39,6 +39,7 @@ def _losses(run):
     ["rollout.sampler=dance_sde", "rollout.noise_level=0.3", "rollout.init_noise=shared"],
     ["rollout.sampler=ddim", "rollout.noise_level=1.0", "algorithm=ddpo", "grpo.advantage=per_prompt_running",
      "grpo.running_min_count=2"],
+    ["rollout.sampler=flow_sde", "task_sampling=adaptive", "task_sampling_floor=0.2"],  # curriculum state resumes
 ])
 def test_training_changes_parameters_and_resume_is_exact(tmp_path, tiny_model, sampler_args):
     full = tmp_path / "full"

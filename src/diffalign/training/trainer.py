@@ -128,6 +128,15 @@ class TrainConfig:
     """AdamW betas."""
     ema_decay: float = 0.0
     """EMA of the trainable weights for evaluation (0 = off)."""
+    task_sampling: str = "uniform"
+    """How each epoch's ShapesWorld prompts pick their task type: ``uniform``, or ``adaptive``
+    (probability ∝ a running mean of the task's within-group reward std, i.e. how much GRPO
+    signal its groups still carry; tasks the policy always passes or always fails are drawn
+    less). Ignored with ``prompt_file``."""
+    task_sampling_floor: float = 0.3
+    """``adaptive``: this share of the draws stays uniform over tasks (0–1), so no task is forgotten."""
+    task_sampling_decay: float = 0.7
+    """``adaptive``: decay of the running mean per epoch in which the task was drawn (0–1)."""
     threads: int = 0
     """torch threads (0 = default)."""
     max_train_minutes: float | None = None
@@ -165,6 +174,10 @@ class TrainConfig:
                               "prompts and its verifier are for the tiny model)")
         if self.prompt_split not in ("train", "test", "ood") or self.eval.split not in ("train", "test", "ood"):
             raise ConfigError("prompt_split and eval.split must be train, test or ood")
+        if self.task_sampling not in ("uniform", "adaptive"):
+            raise ConfigError(f"task_sampling must be uniform or adaptive, got {self.task_sampling!r}")
+        if not (0 <= self.task_sampling_floor <= 1 and 0 <= self.task_sampling_decay < 1):
+            raise ConfigError("task_sampling_floor must be in [0, 1] and task_sampling_decay in [0, 1)")
 
 
 ALGORITHMS = {"flow_grpo", "dance_grpo", "ddpo", "consistent_rft", "crd", "diffusion_nft"}
@@ -194,21 +207,71 @@ def chunk_generator(base: int, first_group: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([base, first_group]).generate_state(1)[0]))
 
 
-def sample_prompts(cfg: TrainConfig, epoch: int) -> tuple[list[str], torch.Tensor]:
-    """Group-contiguous prompts for one epoch: ``prompts_per_epoch`` task-balanced prompts × K
-    (uniform draws from ``prompt_file`` when one is set)."""
+def sample_prompts(cfg: TrainConfig, epoch: int, task_probs: dict[str, float] | None = None,
+                   ) -> tuple[list[str], torch.Tensor]:
+    """Group-contiguous prompts for one epoch: ``prompts_per_epoch`` prompts × K, each prompt's
+    task drawn uniformly or from ``task_probs`` (uniform draws from ``prompt_file`` when one is set)."""
+    prompts, group_ids, _ = sample_prompts_with_tasks(cfg, epoch, task_probs)
+    return prompts, group_ids
+
+
+def sample_prompts_with_tasks(cfg: TrainConfig, epoch: int, task_probs: dict[str, float] | None = None,
+                              ) -> tuple[list[str], torch.Tensor, list[str | None]]:
+    """:func:`sample_prompts` plus each group's task type (None for prompt-file prompts)."""
     if cfg.prompt_file is not None:
-        return sample_file_prompts(cfg.prompt_file, cfg.prompts_per_epoch, cfg.group_size, cfg.seed, epoch)
+        prompts, ids = sample_file_prompts(cfg.prompt_file, cfg.prompts_per_epoch, cfg.group_size, cfg.seed, epoch)
+        return prompts, ids, [None] * cfg.prompts_per_epoch
     rng = np.random.default_rng([cfg.seed, epoch, 1])
     split = prompt_splits()[cfg.prompt_split]
     tasks = [t for t in TASKS if split[t]]
-    chosen = []
+    chosen, kinds = [], []
     for _ in range(cfg.prompts_per_epoch):
-        pool = split[tasks[rng.integers(len(tasks))]]
+        if task_probs is None:
+            task = tasks[rng.integers(len(tasks))]
+        else:
+            p = np.array([task_probs[t] for t in tasks], dtype=np.float64)
+            task = tasks[rng.choice(len(tasks), p=p / p.sum())]
+        pool = split[task]
         chosen.append(pool[rng.integers(len(pool))])
+        kinds.append(task)
     prompts = [p for p in chosen for _ in range(cfg.group_size)]
     group_ids = torch.arange(cfg.prompts_per_epoch).repeat_interleave(cfg.group_size)
-    return prompts, group_ids
+    return prompts, group_ids, kinds
+
+
+class TaskCurriculum:
+    """``task_sampling: adaptive``: a running mean, per task type, of the within-group reward
+    std of its groups (the signal GRPO's group advantages get from them); each epoch's task
+    probabilities are ``floor / T + (1 − floor) · s_t / Σ s``. Tasks not yet drawn keep the
+    largest running value seen, so they are not starved before they are measured."""
+
+    def __init__(self, tasks: list[str], floor: float, decay: float):
+        self.tasks, self.floor, self.decay = list(tasks), floor, decay
+        self.signal: dict[str, float] = {}
+
+    def probs(self) -> dict[str, float] | None:
+        if not self.signal:
+            return None  # first epoch: uniform
+        top = max(self.signal.values())
+        s = np.array([self.signal.get(t, top) for t in self.tasks])
+        share = s / s.sum() if s.sum() > 0 else np.full(len(s), 1 / len(s))
+        p = self.floor / len(s) + (1 - self.floor) * share
+        return {t: float(v) for t, v in zip(self.tasks, p, strict=True)}
+
+    def update(self, kinds: list[str | None], rewards: torch.Tensor, group_ids: torch.Tensor) -> None:
+        per_task: dict[str, list[float]] = {}
+        for g, task in enumerate(kinds):
+            if task is not None:
+                per_task.setdefault(task, []).append(float(rewards[group_ids == g].std(correction=0)))
+        for task, stds in per_task.items():
+            x = float(np.mean(stds))
+            self.signal[task] = x if task not in self.signal else self.decay * self.signal[task] + (1 - self.decay) * x
+
+    def state_dict(self) -> dict:
+        return {"signal": dict(self.signal)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.signal = dict(state.get("signal", {}))
 
 
 def cat_trajectories(parts: list[Trajectory]) -> Trajectory:
@@ -249,6 +312,10 @@ class Trainer:
         self.reward = build_reward(cfg.reward, **cfg.reward_kwargs)
         self.eval_reward = build_reward("shapes_verifier", mode="score")
         self.start_epoch, self.train_time = 0, 0.0
+        split = prompt_splits()[cfg.prompt_split]
+        self.curriculum = (TaskCurriculum([t for t in TASKS if split[t]], cfg.task_sampling_floor,
+                                          cfg.task_sampling_decay)
+                           if cfg.task_sampling == "adaptive" and cfg.prompt_file is None else None)
         if cfg.ema_decay > 0:
             self.policy.save_snapshot("ema")
         if resume:
@@ -265,6 +332,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "snapshots": self.policy.snapshot_state(),
             "algorithm": self.algo.state_dict(),
+            "curriculum": self.curriculum.state_dict() if self.curriculum else None,
             "rng": capture_rng(),
             "train_time": self.train_time,
         }
@@ -283,6 +351,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.policy.load_snapshot_state(state["snapshots"])
         self.algo.load_state_dict(state["algorithm"])
+        if self.curriculum is not None and state.get("curriculum"):
+            self.curriculum.load_state_dict(state["curriculum"])
         restore_rng(state["rng"])
         self.start_epoch, self.train_time = state["epoch"], state["train_time"]
 
@@ -368,7 +438,9 @@ class Trainer:
                 t0 = time.perf_counter()
                 gen = epoch_generator(cfg.seed, epoch)
                 bar.update(task, phase="sample")
-                prompts, group_ids = sample_prompts(cfg, epoch)  # the whole epoch, same on every rank
+                task_probs = self.curriculum.probs() if self.curriculum else None
+                # the whole epoch, same on every rank
+                prompts, group_ids, kinds = sample_prompts_with_tasks(cfg, epoch, task_probs)
                 self.policy.eval()
                 shared = self.algo.shared_groups(epoch, cfg.prompts_per_epoch, gen)
                 mine = slice(self.groups.start * cfg.group_size, self.groups.stop * cfg.group_size)
@@ -389,6 +461,8 @@ class Trainer:
                                                         **per_reward_inputs(self.reward, details,
                                                                             cfg.grpo.reward_normalization))
                 adv = adv[mine]
+                if self.curriculum is not None:  # from every rank's rewards: the same on all ranks
+                    self.curriculum.update(kinds, rewards_all, group_ids)
                 self.policy.train()
                 update_gen = gen if self.world.rank == 0 else epoch_generator(cfg.seed, epoch, self.world.rank)
                 metrics = _mean_over_ranks(self.algo.update(self.policy, self.optimizer, traj, adv, update_gen))
@@ -400,6 +474,8 @@ class Trainer:
                 row = {"reward": float(rewards_all.mean()), "train_time_s": self.train_time,
                        "dgr/coarse_fraction": float((~shared_all).float().mean()), **adv_metrics,
                        **{f"reward/{k}": float(v.mean()) for k, v in details.items()}, **metrics}
+                if task_probs is not None:
+                    row |= {f"task_prob/{t}": p for t, p in task_probs.items()}
                 out_of_time = cfg.max_train_minutes is not None and self.train_time >= 60 * cfg.max_train_minutes
                 out_of_time = broadcast_object(out_of_time)  # rank 0's clock decides for all
                 last = done == cfg.epochs or out_of_time

@@ -1,0 +1,85 @@
+"""task_sampling=adaptive: the curriculum's probabilities, the prompt draw, and a logged run."""
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_unet
+
+from diffalign.config import load_config
+from diffalign.errors import ConfigError
+from diffalign.models.checkpoint import save_unet
+from diffalign.training.rundir import read_metrics
+from diffalign.training.trainer import (
+    TaskCurriculum,
+    TrainConfig,
+    Trainer,
+    sample_prompts,
+    sample_prompts_with_tasks,
+)
+from diffalign.world.grammar import TASKS, prompt_splits
+
+
+def test_curriculum_probabilities_by_hand():
+    cur = TaskCurriculum(["a", "b", "c"], floor=0.3, decay=0.5)
+    assert cur.probs() is None  # nothing measured yet: uniform
+    # groups 0, 1 are task a (std 0.2 and 0.4), group 2 is task b (all equal: std 0); c not drawn
+    rewards = torch.tensor([0.0, 0.4, 0.0, 0.4,    # std 0.2
+                            0.0, 0.8, 0.0, 0.8,    # std 0.4
+                            0.5, 0.5, 0.5, 0.5])   # std 0
+    ids = torch.arange(3).repeat_interleave(4)
+    cur.update(["a", "a", "b"], rewards, ids)
+    assert cur.signal == pytest.approx({"a": 0.3, "b": 0.0})
+    # c, never drawn, counts as the largest signal seen (0.3): shares 0.5, 0, 0.5
+    p = cur.probs()
+    assert p == pytest.approx({"a": 0.1 + 0.7 * 0.5, "b": 0.1, "c": 0.1 + 0.7 * 0.5})
+    assert sum(p.values()) == pytest.approx(1.0)
+    # running mean: a drawn again with std 0.1 → 0.5·0.3 + 0.5·0.1 = 0.2
+    cur.update(["a"], torch.tensor([0.0, 0.2, 0.0, 0.2]), torch.zeros(4, dtype=torch.long))
+    assert cur.signal["a"] == pytest.approx(0.2)
+    state = cur.state_dict()
+    other = TaskCurriculum(["a", "b", "c"], floor=0.3, decay=0.5)
+    other.load_state_dict(state)
+    assert other.probs() == cur.probs()
+
+
+def _cfg(*extra):
+    return load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", ["prompts_per_epoch=60", "group_size=2", *extra])
+
+
+def test_prompt_draw_follows_task_probabilities():
+    cfg = _cfg()
+    split = prompt_splits()["train"]
+    tasks = [t for t in TASKS if split[t]]
+    prompts, ids = sample_prompts(cfg, 3)
+    p2, ids2, kinds = sample_prompts_with_tasks(cfg, 3)
+    assert prompts == p2 and torch.equal(ids, ids2)  # uniform draw unchanged
+    assert all(prompts[2 * g] in split[k] for g, k in enumerate(kinds))
+    only = {t: (1.0 if t == "position" else 0.0) for t in tasks}
+    prompts, _, kinds = sample_prompts_with_tasks(cfg, 3, only)
+    assert set(kinds) == {"position"} and all(p in split["position"] for p in prompts)
+    skewed = {t: (0.5 if t == "counting" else 0.1) for t in tasks}
+    _, _, kinds = sample_prompts_with_tasks(_cfg("prompts_per_epoch=3000"), 0, skewed)
+    assert abs(np.mean([k == "counting" for k in kinds]) - 0.5) < 0.04
+
+
+def test_bad_curriculum_settings_are_rejected():
+    with pytest.raises(ConfigError, match="task_sampling must be"):
+        _cfg("task_sampling=hard").validate()
+    with pytest.raises(ConfigError, match="task_sampling_floor"):
+        _cfg("task_sampling=adaptive", "task_sampling_floor=1.5").validate()
+
+
+def test_adaptive_run_logs_probabilities(tmp_path):
+    model = str(save_unet(tmp_path / "tiny.safetensors", tiny_unet(0), 32))
+    cfg = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
+        f"model={model}", "lora_rank=0", "epochs=3", "prompts_per_epoch=4", "group_size=3", "rollout.steps=2",
+        "rollout.sde_window=null", "eval.num_images=2", "eval.steps=1", "eval.every=0", "grpo.minibatch_size=12",
+        "reward=jpeg_incompressibility", "reward_kwargs={}", "task_sampling=adaptive", "task_sampling_floor=0.0"])
+    Trainer(cfg, tmp_path / "run").train()
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
+    assert not any(k.startswith("task_prob/") for k in rows[0])  # epoch 1: uniform, nothing measured
+    for r in rows[1:]:
+        probs = {k: v for k, v in r.items() if k.startswith("task_prob/")}
+        assert len(probs) == len([t for t in TASKS if prompt_splits()["train"][t]])
+        assert sum(probs.values()) == pytest.approx(1.0)
+        assert max(probs.values()) > min(probs.values())  # JPEG sizes differ by task: not uniform
