@@ -1,4 +1,6 @@
-"""task_sampling=adaptive: the curriculum's probabilities, the prompt draw, and a logged run."""
+"""task_sampling=adaptive and lr_schedule=cosine: probabilities, the prompt draw, a logged run."""
+
+import math
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from tiny import tiny_unet
 from diffalign.config import load_config
 from diffalign.errors import ConfigError
 from diffalign.models.checkpoint import save_unet
+from diffalign.rewards import RewardError, build_reward, register_reward
 from diffalign.training.rundir import read_metrics
 from diffalign.training.trainer import (
     TaskCurriculum,
@@ -65,6 +68,8 @@ def test_prompt_draw_follows_task_probabilities():
 def test_bad_curriculum_settings_are_rejected():
     with pytest.raises(ConfigError, match="task_sampling must be"):
         _cfg("task_sampling=hard").validate()
+    with pytest.raises(ConfigError, match="lr_schedule must be"):
+        _cfg("lr_schedule=linear").validate()
     with pytest.raises(ConfigError, match="task_sampling_floor"):
         _cfg("task_sampling=adaptive", "task_sampling_floor=1.5").validate()
 
@@ -74,12 +79,57 @@ def test_adaptive_run_logs_probabilities(tmp_path):
     cfg = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
         f"model={model}", "lora_rank=0", "epochs=3", "prompts_per_epoch=4", "group_size=3", "rollout.steps=2",
         "rollout.sde_window=null", "eval.num_images=2", "eval.steps=1", "eval.every=0", "grpo.minibatch_size=12",
-        "reward=jpeg_incompressibility", "reward_kwargs={}", "task_sampling=adaptive", "task_sampling_floor=0.0"])
-    Trainer(cfg, tmp_path / "run").train()
+        "reward=jpeg_incompressibility", "reward_kwargs={}", "task_sampling=adaptive", "task_sampling_floor=0.0",
+        "lr=1e-3", "lr_schedule=cosine", "lr_min_ratio=0.2"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train()
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
+    # cosine over 3 epochs: factor 0.2 + 0.8·½(1 + cos(π·e/3)) for e = 0, 1, 2
+    want = [1e-3 * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * e / 3))) for e in range(3)]
+    assert [r["lr"] for r in rows] == pytest.approx(want)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(want[-1])
     assert not any(k.startswith("task_prob/") for k in rows[0])  # epoch 1: uniform, nothing measured
     for r in rows[1:]:
         probs = {k: v for k, v in r.items() if k.startswith("task_prob/")}
         assert len(probs) == len([t for t in TASKS if prompt_splits()["train"][t]])
         assert sum(probs.values()) == pytest.approx(1.0)
         assert max(probs.values()) > min(probs.values())  # JPEG sizes differ by task: not uniform
+
+
+@register_reward("test_jpeg_then_crash")
+class _JpegThenCrash:
+    """JPEG incompressibility for the first two calls (epochs 1-2 with async_reward=false), then a crash."""
+
+    name = "test_jpeg_then_crash"
+    calls = 0
+
+    def __init__(self):
+        self.inner = build_reward("jpeg_incompressibility")
+
+    def __call__(self, images, prompts, metadata):
+        type(self).calls += 1
+        if type(self).calls > 2:
+            raise RuntimeError("scorer went away")
+        return self.inner(images, prompts, metadata)
+
+
+def test_cosine_schedule_resumes_exactly_after_a_crash(tmp_path):
+    model = str(save_unet(tmp_path / "tiny.safetensors", tiny_unet(0), 32))
+
+    def cfg(reward):
+        return load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
+            f"model={model}", "lora_rank=0", "epochs=4", "prompts_per_epoch=2", "group_size=3", "rollout.steps=2",
+            "rollout.sde_window=null", "eval.num_images=2", "eval.steps=1", "eval.every=0", "ckpt_every=1",
+            "grpo.minibatch_size=6", "grpo.clip_range=0.2", f"reward={reward}", "reward_kwargs={}",
+            "async_reward=false", "lr=1e-3", "lr_schedule=cosine"])
+
+    Trainer(cfg("jpeg_incompressibility"), tmp_path / "full").train()
+    _JpegThenCrash.calls = 0
+    with pytest.raises(RewardError, match="scorer went away"):
+        Trainer(cfg("test_jpeg_then_crash"), tmp_path / "part").train()
+    Trainer(cfg("jpeg_incompressibility"), tmp_path / "part", resume=True).train()
+
+    def rows(run):
+        return [(r["step"], r["lr"], r["policy_loss"]) for r in read_metrics(run / "metrics.jsonl") if "lr" in r]
+
+    assert len(rows(tmp_path / "full")) == 4 and rows(tmp_path / "part") == rows(tmp_path / "full")

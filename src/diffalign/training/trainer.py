@@ -9,6 +9,7 @@ an uninterrupted run on CPU).
 from __future__ import annotations
 
 import json
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -124,6 +125,12 @@ class TrainConfig:
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    lr_schedule: str = "constant"
+    """``constant``, or ``cosine``: epoch e (0-based) trains at
+    ``lr · (m + (1 − m)·½(1 + cos(π·e/epochs)))`` with ``m = lr_min_ratio``. Set ``epochs`` to
+    what the budget holds when ``max_train_minutes`` stops the run."""
+    lr_min_ratio: float = 0.1
+    """``cosine``: the final learning rate as a fraction of ``lr``."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     ema_decay: float = 0.0
@@ -174,6 +181,9 @@ class TrainConfig:
                               "prompts and its verifier are for the tiny model)")
         if self.prompt_split not in ("train", "test", "ood") or self.eval.split not in ("train", "test", "ood"):
             raise ConfigError("prompt_split and eval.split must be train, test or ood")
+        if self.lr_schedule not in ("constant", "cosine") or not 0 <= self.lr_min_ratio <= 1:
+            raise ConfigError(f"lr_schedule must be constant or cosine (got {self.lr_schedule!r}) and lr_min_ratio "
+                              f"in [0, 1] (got {self.lr_min_ratio})")
         if self.task_sampling not in ("uniform", "adaptive"):
             raise ConfigError(f"task_sampling must be uniform or adaptive, got {self.task_sampling!r}")
         if not (0 <= self.task_sampling_floor <= 1 and 0 <= self.task_sampling_decay < 1):
@@ -205,6 +215,14 @@ def chunk_generator(base: int, first_group: int) -> torch.Generator:
     """The rollout noise of a chunk of whole groups, keyed by the chunk's first (global) group id:
     a group's images do not depend on the process that samples it."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([base, first_group]).generate_state(1)[0]))
+
+
+def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of (0-based) ``epoch`` under ``cfg.lr_schedule``."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    m = cfg.lr_min_ratio
+    return cfg.lr * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * min(epoch, cfg.epochs) / cfg.epochs)))
 
 
 def sample_prompts(cfg: TrainConfig, epoch: int, task_probs: dict[str, float] | None = None,
@@ -464,6 +482,8 @@ class Trainer:
                 if self.curriculum is not None:  # from every rank's rewards: the same on all ranks
                     self.curriculum.update(kinds, rewards_all, group_ids)
                 self.policy.train()
+                for group in self.optimizer.param_groups:
+                    group["lr"] = epoch_lr(cfg, epoch)
                 update_gen = gen if self.world.rank == 0 else epoch_generator(cfg.seed, epoch, self.world.rank)
                 metrics = _mean_over_ranks(self.algo.update(self.policy, self.optimizer, traj, adv, update_gen))
                 check_in_sync(self.policy.trainable_parameters())
@@ -471,7 +491,7 @@ class Trainer:
                     self.policy.ema_snapshot("ema", cfg.ema_decay)
                 self.train_time += time.perf_counter() - t0
                 done = epoch + 1
-                row = {"reward": float(rewards_all.mean()), "train_time_s": self.train_time,
+                row = {"reward": float(rewards_all.mean()), "train_time_s": self.train_time, "lr": epoch_lr(cfg, epoch),
                        "dgr/coarse_fraction": float((~shared_all).float().mean()), **adv_metrics,
                        **{f"reward/{k}": float(v.mean()) for k, v in details.items()}, **metrics}
                 if task_probs is not None:
