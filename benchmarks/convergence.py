@@ -137,7 +137,7 @@ def _cell(a: dict | None, n_runs: int, key: str) -> str:
     if a is None:
         return "not reached" if key.endswith("to_target") else "—"
     fmt = "{:.0f}" if key == "steps_to_target" else ("{:.1f}" if key in ("minutes_to_target", "eval_guidance")
-                                                     else "{:.3f}")
+                                                     else "{:.5f}" if key == "flat_noise" else "{:.3f}")
     s = fmt.format(a["mean"]) if a["min"] == a["max"] else (
         f"{fmt.format(a['mean'])} [{fmt.format(a['min'])}, {fmt.format(a['max'])}]")
     if key.endswith("to_target") and a["n"] < n_runs:
