@@ -109,13 +109,18 @@ def run_figures(run_dir: Path, ev: dict | None, target: float | None, target_gai
     fig["target"] = tgt
     fig["steps_to_target"], fig["minutes_to_target"] = first_reaching(rows, tgt) if tgt is not None else (None, None)
     if ev:
-        t, o = ev["splits"].get("test", {}), ev["splits"].get("ood", {})
-        fig |= {"test_score": t.get("score"), "ood_score": o.get("score"),
-                "high_level_hallucination": t.get("high_level_hallucination"),
-                "flat_noise": t.get("lowlevel/flat_noise"), "diversity": t.get("diversity/pixel"),
-                "proxy_score": t.get("proxy/score"), "proxy_gap": t.get("proxy/gap"),
-                "eval_guidance": ev.get("guidance_scale")}
+        fig |= eval_figures(ev)
     return fig
+
+
+def eval_figures(ev: dict) -> dict:
+    """The table's figures from one ``eval.json`` (test and out-of-domain splits)."""
+    t, o = ev["splits"].get("test", {}), ev["splits"].get("ood", {})
+    return {"test_score": t.get("score"), "ood_score": o.get("score"),
+            "high_level_hallucination": t.get("high_level_hallucination"),
+            "flat_noise": t.get("lowlevel/flat_noise"), "diversity": t.get("diversity/pixel"),
+            "proxy_score": t.get("proxy/score"), "proxy_gap": t.get("proxy/gap"),
+            "eval_guidance": ev.get("guidance_scale")}
 
 
 COLUMNS = [("eval_guidance", "eval CFG"), ("test_score", "verifier test"), ("ood_score", "verifier ood"), ("steps_to_target", "steps to target"),
@@ -250,11 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"[convergence] base model, CFG {g:g} ...", file=sys.stderr, flush=True)
                 ev = evaluate(model, bd, num_images=args.eval_images, steps=args.eval_steps, guidance_scale=g,
                               images_per_prompt=args.images_per_prompt)
-            t, o = ev["splits"]["test"], ev["splits"]["ood"]
-            result["base"][f"{g:g}"] = {
-                "eval_guidance": g, "test_score": t.get("score"), "ood_score": o.get("score"),
-                "high_level_hallucination": t.get("high_level_hallucination"), "flat_noise": t.get("lowlevel/flat_noise"),
-                "diversity": t.get("diversity/pixel"), "proxy_score": t.get("proxy/score"), "proxy_gap": t.get("proxy/gap")}
+            result["base"][f"{g:g}"] = eval_figures(ev)
     if done_dirs and not args.no_compare:
         from diffalign.evaluation.compare import compare
 

@@ -373,18 +373,12 @@ def _preference_takes_model_family() -> bool:
 @pytest.fixture(scope="module")
 def shapes_prefs(tmp_path_factory):
     """8 ShapesWorld pairs at 32 px (renders as winners, random images as losers)."""
-    from diffalign.data.preference import PreferenceWriter
+    from tiny import write_render_prefs
+
     from diffalign.world.grammar import prompt_splits
-    from diffalign.world.render import render_batch
 
     root = tmp_path_factory.mktemp("prefs") / "prefs"
-    prompts = prompt_splits()["train"]["colors"][:8]
-    winners = render_batch(prompts, list(range(8)))
-    g = torch.Generator().manual_seed(0)
-    with PreferenceWriter(root, shard_size=8) as w:
-        for i, p in enumerate(prompts):
-            w.add(p, winners[i], torch.rand(3, 32, 32, generator=g))
-    return str(root)
+    return write_render_prefs(root, prompt_splits()["train"]["colors"][:8], shard_size=8)
 
 
 @pytest.mark.skipif(not _preference_takes_model_family(),

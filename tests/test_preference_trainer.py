@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from tiny import tiny_policy, tiny_unet
+from tiny import tiny_policy, tiny_unet, write_render_prefs
 
 from diffalign.cli import main
 from diffalign.config import load_config
@@ -29,12 +29,7 @@ def prefs(tmp_path_factory):
     root = tmp_path_factory.mktemp("p") / "prefs"
     train = prompt_splits()["train"]
     prompts = [train["colors"][i % 5] if i % 2 else train["counting"][i % 7] for i in range(16)]
-    winners = render_batch(prompts, list(range(16)))
-    g = torch.Generator().manual_seed(0)
-    with PreferenceWriter(root, shard_size=6) as w:
-        for i, p in enumerate(prompts):
-            w.add(p, winners[i], torch.rand(3, 32, 32, generator=g))
-    return str(root)
+    return write_render_prefs(root, prompts, shard_size=6)
 
 
 def _cfg(model, data, preset="seppo", *extra):

@@ -22,3 +22,17 @@ def tiny_unet(seed: int = 0) -> FlowUNet:
 
 def tiny_policy(seed: int = 0, lora_rank: int = 0) -> TinyFlowPolicy:
     return TinyFlowPolicy(tiny_unet(seed), 32, lora_rank=lora_rank)
+
+
+def write_render_prefs(root, prompts: list[str], shard_size: int) -> str:
+    """A preference dataset at ``root``: renders of ``prompts`` as winners, seeded random images
+    as losers (32 px)."""
+    from diffalign.data.preference import PreferenceWriter
+    from diffalign.world.render import render_batch
+
+    winners = render_batch(prompts, list(range(len(prompts))))
+    g = torch.Generator().manual_seed(0)
+    with PreferenceWriter(root, shard_size=shard_size) as w:
+        for i, p in enumerate(prompts):
+            w.add(p, winners[i], torch.rand(3, 32, 32, generator=g))
+    return str(root)

@@ -242,13 +242,13 @@ def sample_prompts_with_tasks(cfg: TrainConfig, epoch: int, task_probs: dict[str
     rng = np.random.default_rng([cfg.seed, epoch, 1])
     split = prompt_splits()[cfg.prompt_split]
     tasks = [t for t in TASKS if split[t]]
+    probs = None if task_probs is None else np.array([task_probs[t] for t in tasks], dtype=np.float64)
     chosen, kinds = [], []
     for _ in range(cfg.prompts_per_epoch):
-        if task_probs is None:
+        if probs is None:
             task = tasks[rng.integers(len(tasks))]
         else:
-            p = np.array([task_probs[t] for t in tasks], dtype=np.float64)
-            task = tasks[rng.choice(len(tasks), p=p / p.sum())]
+            task = tasks[rng.choice(len(tasks), p=probs / probs.sum())]
         pool = split[task]
         chosen.append(pool[rng.integers(len(pool))])
         kinds.append(task)
