@@ -50,10 +50,12 @@ def config(model: str, algo: str, *extra: str) -> TrainConfig:
                        [f"model={model}", *COMMON, *args, *extra])
 
 
-def run(model: str, out: Path, algo: str, epochs: int, *, resume: bool = False) -> None:
+def run(model: str, out: Path, algo: str, epochs: int, *, resume: bool = False, sharding: str = "none") -> None:
     world = get_world()
-    run_dir = out / f"{algo}_run"
-    trainer = Trainer(config(model, algo, f"epochs={epochs}"), run_dir)
+    extra = [f"epochs={epochs}", f"sharding={sharding}"]
+    name = algo if sharding == "none" else f"{algo}_{sharding}"
+    run_dir = out / f"{name}_run"
+    trainer = Trainer(config(model, algo, *extra), run_dir)
     seen = []
     update = trainer.algo.update
 
@@ -66,7 +68,7 @@ def run(model: str, out: Path, algo: str, epochs: int, *, resume: bool = False) 
     trainer.train()
     params = {k: v.detach().clone() for k, v in trainer.policy.trainable_state().items()}
     torch.save({"updates": seen, "params": params, "world_size": world.world_size},
-               out / f"{algo}_rank{world.rank}.pt")
+               out / f"{name}_rank{world.rank}.pt")
 
     if not resume:
         return
@@ -74,11 +76,11 @@ def run(model: str, out: Path, algo: str, epochs: int, *, resume: bool = False) 
     if world.is_main:
         shutil.rmtree(run_dir / "checkpoints" / f"step_{epochs:07d}")
     barrier()
-    resumed = Trainer(config(model, algo, f"epochs={epochs}"), run_dir, resume=True)
+    resumed = Trainer(config(model, algo, *extra), run_dir, resume=True)
     assert resumed.start_epoch == epochs - 1, resumed.start_epoch
     resumed.train()
     torch.save({k: v.detach().clone() for k, v in resumed.policy.trainable_state().items()},
-               out / f"{algo}_resumed_rank{world.rank}.pt")
+               out / f"{name}_resumed_rank{world.rank}.pt")
 
 
 def grad_check(out: Path) -> None:
@@ -106,7 +108,8 @@ def main() -> int:
     ap.add_argument("model")
     ap.add_argument("out")
     ap.add_argument("--runs", default="grpo:2:resume,crd:1",
-                    help="ALGO:EPOCHS[:resume] items; resume redoes the last epoch from the previous checkpoint")
+                    help="ALGO[@SHARDING]:EPOCHS[:resume] items; resume redoes the last epoch from the previous "
+                         "checkpoint; SHARDING is the config's sharding (default none)")
     ap.add_argument("--grad", action="store_true")
     args = ap.parse_args()
     init_distributed()
@@ -115,8 +118,9 @@ def main() -> int:
     if args.grad:
         grad_check(out)
     for item in args.runs.split(","):
-        algo, epochs, *flag = item.split(":")
-        run(args.model, out, algo, int(epochs), resume=flag == ["resume"])
+        spec, epochs, *flag = item.split(":")
+        algo, _, sharding = spec.partition("@")
+        run(args.model, out, algo, int(epochs), resume=flag == ["resume"], sharding=sharding or "none")
     return 0
 
 

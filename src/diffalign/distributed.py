@@ -122,9 +122,10 @@ def init_distributed() -> World:
                           "runs with `torchrun --nproc_per_node N ...` or `accelerate launch ...` (docs/distributed.md)")
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \
             os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise ConfigError("the diffalign trainer runs data-parallel (DDP-style gradient all-reduce); it does not "
-                          "shard parameters with FSDP / DeepSpeed. Launch with configs/accelerate/ddp.yaml "
-                          "(see docs/distributed.md)")
+        raise ConfigError("the diffalign trainer runs data-parallel with its own gradient reduction; it does not "
+                          "shard parameters with FSDP or run the DeepSpeed engine. Launch with "
+                          "configs/accelerate/ddp.yaml and, to shard the optimizer state across ranks (ZeRO "
+                          "stage 1), set sharding=optimizer (see docs/distributed.md)")
     backend = os.environ.get("DIFFALIGN_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     if backend == "nccl":

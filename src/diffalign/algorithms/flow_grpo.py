@@ -38,10 +38,10 @@ from diffalign.algorithms.grpo import (
     ppo_clip_loss,
     zero_signal_fraction,
 )
-from diffalign.distributed import all_reduce_gradients
 from diffalign.errors import ConfigError
 from diffalign.sampling.rollout import Trajectory, recompute_step
 from diffalign.sampling.steps import flow_sde_noise_scale
+from diffalign.sharding import reduce_clip_step
 
 Regularizer = Callable[[Trajectory, Tensor, Tensor, Tensor, torch.Generator], tuple[Tensor, dict[str, float]]]
 Granularity = Callable[[int, int, torch.Generator], "Tensor | None"]
@@ -200,10 +200,9 @@ class GRPO:
                         for key, v in m.items():
                             sums[key] += float(v)
                         count += 1
-                all_reduce_gradients(params)  # multi-process: average over ranks before clipping
                 parts = n_steps * -(-len(idx) // micro)  # loss evaluations in this minibatch
-                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)) * parts
-                optimizer.step()
+                # multi-process: gradients averaged over ranks before clipping (sharded or not)
+                sums["grad_norm"] += reduce_clip_step(optimizer, params, c.max_grad_norm) * parts
         return {k: v / max(count, 1) for k, v in sums.items()}
 
     def _step_loss(self, policy, traj: Trajectory, idx: Tensor, k: Tensor, adv: Tensor, cond, generator):

@@ -48,10 +48,10 @@ from diffalign.algorithms.crd import (
 )
 from diffalign.algorithms.grpo import grpo_advantages, zero_signal_fraction
 from diffalign.algorithms.nft import forward_noising, nft_loss, sample_training_sigmas
-from diffalign.distributed import all_reduce_gradients
 from diffalign.errors import ConfigError
 from diffalign.sampling.clean import CleanSamples, sample_clean
 from diffalign.sampling.rollout import RolloutConfig
+from diffalign.sharding import reduce_clip_step
 
 __all__ = ["CRDConfig", "ForwardConfig", "ForwardProcess", "NFTConfig"]
 
@@ -267,9 +267,8 @@ class ForwardProcess:
                                                    r01, sigmas[t, pos].to(device), noise[t, pos].to(device))
                         (loss * (len(mb_idx) / n) / c.timesteps_per_sample).backward()
                         log(metrics)
-                all_reduce_gradients(params)  # multi-process: average over ranks before clipping
-                log({"grad_norm": float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm))})
-                optimizer.step()
+                # multi-process: gradients averaged over ranks before clipping (sharded or not)
+                log({"grad_norm": reduce_clip_step(optimizer, params, c.max_grad_norm)})
                 if c.snapshot_update == "step":
                     log(self._update_snapshots(policy, self.step))
                 self.step += 1

@@ -46,6 +46,7 @@ from diffalign.models.factory import FAMILIES, ModelOptions, build_policy
 from diffalign.rewards import build_reward, checked_call
 from diffalign.rewards.multi import per_reward_inputs
 from diffalign.sampling.rollout import RolloutConfig, Trajectory, rollout
+from diffalign.sharding import make_optimizer
 from diffalign.training.prompts import sample_file_prompts
 from diffalign.training.rundir import (
     MetricsLogger,
@@ -133,6 +134,11 @@ class TrainConfig:
     """``cosine``: the final learning rate as a fraction of ``lr``."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
+    sharding: str = "none"
+    """Multi-process runs: ``none`` (every rank holds the whole AdamW state), or ``optimizer``
+    (ZeRO stage 1: each rank keeps the AdamW state of its share of the parameters, gradients
+    are reduced to their owner and the updated weights broadcast; same results, optimizer
+    memory divided by the number of ranks; docs/distributed.md). No effect in one process."""
     ema_decay: float = 0.0
     """EMA of the trainable weights for evaluation (0 = off)."""
     task_sampling: str = "uniform"
@@ -184,6 +190,9 @@ class TrainConfig:
         if self.lr_schedule not in ("constant", "cosine") or not 0 <= self.lr_min_ratio <= 1:
             raise ConfigError(f"lr_schedule must be constant or cosine (got {self.lr_schedule!r}) and lr_min_ratio "
                               f"in [0, 1] (got {self.lr_min_ratio})")
+        if self.sharding not in ("none", "optimizer"):
+            raise ConfigError(f"sharding must be none or optimizer, got {self.sharding!r} (parameter sharding, "
+                              "FSDP, is not supported: docs/distributed.md)")
         if self.task_sampling not in ("uniform", "adaptive"):
             raise ConfigError(f"task_sampling must be uniform or adaptive, got {self.task_sampling!r}")
         if not (0 <= self.task_sampling_floor <= 1 and 0 <= self.task_sampling_decay < 1):
@@ -324,8 +333,10 @@ class Trainer:
         self.policy = build_policy(cfg.model_family, cfg.model, image_size=cfg.image_size, lora_rank=cfg.lora_rank,
                                    lora_alpha=cfg.lora_alpha, options=cfg.model_options)
         broadcast_parameters(self.policy.trainable_parameters())  # every rank starts from rank 0's weights
-        self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.lr,
-                                           betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(
+            self.policy.trainable_parameters(),
+            partial(torch.optim.AdamW, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay),
+            cfg.sharding)
         self.algo = build_algorithm(cfg)
         self.reward = build_reward(cfg.reward, **cfg.reward_kwargs)
         self.eval_reward = build_reward("shapes_verifier", mode="score")
@@ -343,11 +354,11 @@ class Trainer:
             self.logger.truncate_after(self.start_epoch)
 
     # -- checkpoints -------------------------------------------------------------------
-    def _state(self, epoch: int) -> dict:
+    def _state(self, epoch: int, optimizer_state: dict) -> dict:
         return {
             "epoch": epoch,
             "policy": {k: p.detach().clone() for k, p in self.policy.trainable_state().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "snapshots": self.policy.snapshot_state(),
             "algorithm": self.algo.state_dict(),
             "curriculum": self.curriculum.state_dict() if self.curriculum else None,
@@ -356,7 +367,9 @@ class Trainer:
         }
 
     def _save(self, epoch: int) -> None:
-        save_checkpoint(self.run, epoch, self._state(epoch))
+        """Every rank calls this (a sharded optimizer gathers its state); rank 0 writes."""
+        optimizer_state = self.optimizer.state_dict()
+        run_on_main(lambda: save_checkpoint(self.run, epoch, self._state(epoch, optimizer_state)))
 
     def _load(self) -> None:
         if latest_step(self.run) is None:
@@ -506,7 +519,7 @@ class Trainer:
                     bar.update(task, score=f"{res['score']:.3f}")
                 self.logger.log(done, row)
                 if done % cfg.ckpt_every == 0 or last:
-                    run_on_main(partial(self._save, done))
+                    self._save(done)
                 bar.update(task, completed=done, reward=row["reward"], phase="")
                 if out_of_time:
                     break
