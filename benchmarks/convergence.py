@@ -120,7 +120,14 @@ def eval_figures(ev: dict) -> dict:
             "high_level_hallucination": t.get("high_level_hallucination"),
             "flat_noise": t.get("lowlevel/flat_noise"), "diversity": t.get("diversity/pixel"),
             "proxy_score": t.get("proxy/score"), "proxy_gap": t.get("proxy/gap"),
-            "eval_guidance": ev.get("guidance_scale")}
+            "eval_guidance": ev.get("guidance_scale"), "test_partial": t.get("partial"),
+            "ood_high_level_hallucination": o.get("high_level_hallucination"),
+            "hallucinated": t.get("hallucinated"), "missing": t.get("missing"), "misattributed": t.get("misattributed"),
+            **{f"lowlevel_{m}": t.get(f"lowlevel/{m}") for m in LOWLEVEL},
+            **{f"renderer_{m}": t.get(f"renderer_lowlevel/{m}") for m in LOWLEVEL}}
+
+
+LOWLEVEL = ("laplacian_var", "highpass", "edge_spread", "flat_noise")
 
 
 COLUMNS = [("eval_guidance", "eval CFG"), ("test_score", "verifier test"), ("ood_score", "verifier ood"), ("steps_to_target", "steps to target"),
@@ -170,6 +177,67 @@ def markdown(result: dict) -> str:
     lines += ["", f"Budget {b['minutes']} training minutes per run; verifier scores from `diffalign eval` on "
                   f"{b['eval_images']} images per split ({b['images_per_prompt']} per prompt); target: {tgt} in the "
                   "run's periodic evaluation. Mean over seeds, [min, max] where they differ."]
+    return "\n".join(lines) + "\n"
+
+
+def _num(x) -> bool:
+    return isinstance(x, int | float)
+
+
+def hallucination_markdown(result: dict) -> str:
+    """Second table: hallucination and the low-level metrics of the test split, relative to the
+    base model (same eval CFG) and to the renderer's images of the same prompts and seeds.
+
+    For a low-level metric, ``r = |x − renderer| / |base − renderer|``: 1 is as far from real
+    renders as the base model, below 1 closer, above 1 more distorted.
+    """
+    base = result.get("base", {})
+    head = ["method", "eval CFG", "high-level halluc. / img (vs base)", "ood high-level (vs base)",
+            "hallucinated / img", "missing / img", "misattributed / img", *[f"{m} (r)" for m in LOWLEVEL]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = {"laplacian_var": "{:.4f}", "highpass": "{:.4f}", "edge_spread": "{:.4f}", "flat_noise": "{:.5f}"}
+
+    def rel(x, b):
+        return f" ({100 * (x / b - 1):+.0f} %)" if _num(x) and _num(b) and b else ""
+
+    def row(name, g, fig, ref):
+        cells = [name, f"{g:g}" if _num(g) else "—"]
+        cells.append((f"{fig['high_level_hallucination']:.3f}" + rel(fig["high_level_hallucination"],
+                     ref.get("high_level_hallucination"))) if _num(fig.get("high_level_hallucination")) else "—")
+        cells.append((f"{fig['ood_high_level_hallucination']:.3f}" + rel(fig["ood_high_level_hallucination"],
+                     ref.get("ood_high_level_hallucination"))) if _num(fig.get("ood_high_level_hallucination")) else "—")
+        cells += [f"{fig[k]:.3f}" if _num(fig.get(k)) else "—" for k in ("hallucinated", "missing", "misattributed")]
+        for m in LOWLEVEL:
+            x, r, b = fig.get(f"lowlevel_{m}"), fig.get(f"renderer_{m}"), ref.get(f"lowlevel_{m}")
+            if not _num(x):
+                cells.append("—")
+                continue
+            ratio = f" ({abs(x - r) / abs(b - r):.2f})" if _num(r) and _num(b) and b != r else ""
+            cells.append(fmt[m].format(x) + ratio)
+        lines.append("| " + " | ".join(cells) + " |")
+
+    renderer = next((f for f in base.values() if _num(f.get("renderer_flat_noise"))), None)
+    if renderer is None:
+        renderer = next((r["figures"] for p in result["presets"].values() for r in p["runs"]
+                         if r.get("ok") and _num(r.get("figures", {}).get("renderer_flat_noise"))), None)
+    if renderer is not None:
+        lines.append("| renderer | — | — | — | — | — | — | " + " | ".join(
+            fmt[m].format(renderer[f"renderer_{m}"]) if _num(renderer.get(f"renderer_{m}")) else "—"
+            for m in LOWLEVEL) + " |")
+    for g, fig in sorted(base.items()):
+        row("base model", float(g), fig, fig)
+    for name, r in result["presets"].items():
+        figs = [s["figures"] for s in r["runs"] if s.get("ok") and s.get("figures")]
+        if not figs:
+            continue
+        mean = {k: float(np.mean([f[k] for f in figs if _num(f.get(k))])) for k in figs[0]
+                if any(_num(f.get(k)) for f in figs)}
+        g = mean.get("eval_guidance")
+        ref = base.get(f"{g:g}", {}) if _num(g) else {}
+        row(f"{name} ({len(figs)} seeds)", g, mean, ref)
+    lines += ["", "Test split (high-level also out-of-domain), mean over seeds. (± %): change against the base model "
+                  "at the same eval CFG. Low-level metrics (r) = |model − renderer| / |base − renderer|: 1 is as far "
+                  "from the renderer's images as the base model, < 1 closer, > 1 more distorted."]
     return "\n".join(lines) + "\n"
 
 
@@ -262,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # presets differ by design
             compare(done_dirs, out / "compare")
-    table = markdown(result)
+    table = markdown(result) + "\n" + hallucination_markdown(result)
     (out / "convergence.json").write_text(json.dumps(result, indent=2))
     (out / "convergence.md").write_text(table)
     print(json.dumps(result, indent=2))

@@ -57,7 +57,30 @@ def test_convergence_tiny_budget(tmp_path, tiny_model, capsys):
     base = again["base"]["4.5"]
     assert base["eval_guidance"] == 4.5 and 0 <= base["test_score"] <= 1
     assert (conv / "base-cfg4.5" / "eval.json").is_file()
-    assert "| base model | — | 4.5 |" in (conv / "convergence.md").read_text()
+    md = (conv / "convergence.md").read_text()
+    assert "| base model | — | 4.5 |" in md
+    assert "| renderer |" in md and "| flow_grpo (1 seeds) | 4.5 |" in md  # the hallucination table
+
+
+def test_hallucination_table_is_relative_to_base_and_renderer():
+    bench = _load_benchmark()
+    low = {f"lowlevel_{m}": v for m, v in zip(bench.LOWLEVEL, (0.06, 0.03, 0.09, 0.003), strict=True)}
+    ren = {f"renderer_{m}": v for m, v in zip(bench.LOWLEVEL, (0.05, 0.02, 0.09, 0.001), strict=True)}
+    base = {"eval_guidance": 4.5, "high_level_hallucination": 0.5, "ood_high_level_hallucination": 0.8,
+            "hallucinated": 0.1, "missing": 0.2, "misattributed": 0.2, **low, **ren}
+    run = dict(base, high_level_hallucination=0.25, lowlevel_laplacian_var=0.045, lowlevel_flat_noise=0.005)
+    result = {"base": {"4.5": base},
+              "presets": {"m": {"runs": [{"ok": True, "figures": run},
+                                         {"ok": True, "figures": dict(run, high_level_hallucination=0.35)}]}}}
+    md = bench.hallucination_markdown(result)
+    row = next(ln for ln in md.splitlines() if ln.startswith("| m (2 seeds)"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "0.300 (-40 %)"  # mean of 0.25 and 0.35 against the base's 0.5
+    assert cells[7] == "0.0450 (0.50)"  # |0.045 - 0.05| / |0.06 - 0.05|
+    assert cells[8] == "0.0300 (1.00)"  # unchanged from the base
+    assert cells[9] == "0.0900"  # base equals the renderer: no ratio
+    assert cells[10] == "0.00500 (2.00)"  # twice as far from the renderer as the base
+    assert "| renderer | — |" in md and "| base model | 4.5 |" in md
 
 
 def test_convergence_reports_failed_runs(tmp_path):
