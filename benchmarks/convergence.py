@@ -265,6 +265,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     from diffalign.evaluation.report import evaluate
 
+    threads = next((int(o.split("=", 1)[1]) for o in args.overrides if o.startswith("threads=")), 0)
+    if threads > 0:  # evaluate with the training runs' thread count (several benchmarks may share the CPU)
+        import torch
+
+        torch.set_num_threads(threads)
+
     names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if args.presets == "all" else args.presets.split(",")
     missing = [n for n in names if not (PRESET_DIR / f"{n}.yaml").is_file()]
     if missing:
