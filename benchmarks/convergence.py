@@ -132,7 +132,8 @@ LOWLEVEL = ("laplacian_var", "highpass", "edge_spread", "flat_noise")
 
 COLUMNS = [("eval_guidance", "eval CFG"), ("test_score", "verifier test"), ("ood_score", "verifier ood"), ("steps_to_target", "steps to target"),
            ("minutes_to_target", "min to target"), ("high_level_hallucination", "high-level halluc. / img"),
-           ("flat_noise", "flat-region noise"), ("diversity", "diversity"), ("proxy_gap", "proxy − verifier")]
+           ("flat_noise", "flat-region noise"), ("diversity", "diversity"), ("proxy_score", "proxy (ShapesScore)"),
+           ("proxy_gap", "proxy − verifier")]
 
 
 def aggregate(figs: list[dict]) -> dict:
