@@ -69,3 +69,28 @@ def test_cpgo_regularizer_gates_by_sigma_and_probability():
     assert m["cpgo_applied"].item() == 0.5
     reg0 = CPGORegularizer(CPGOConfig(weight=1.0, sigma_gate=0.6, prob=0.0))
     assert reg0(traj, idx, k, pred, torch.Generator().manual_seed(0))[0].item() == 0.0
+
+
+def test_cpgo_scale_benchmark_measures_each_trainable_step(tmp_path, monkeypatch):
+    """benchmarks/cpgo_scale.py (how the ShapesWorld λ was chosen) on a tiny model: one row per
+    SDE step with finite gradient norms, and λ for a 10 % share = 0.1·|∇policy| / |∇CPGO(λ=1)|."""
+    import importlib.util
+    from pathlib import Path
+
+    from tiny import tiny_unet
+
+    from diffalign.models.checkpoint import save_unet
+
+    root = Path(__file__).resolve().parents[1]
+    model = save_unet(tmp_path / "tiny.safetensors", tiny_unet(0), 32)
+    spec = importlib.util.spec_from_file_location("cpgo_scale", root / "benchmarks" / "cpgo_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.chdir(root)
+    out = bench.main(["--preset", "consistent_rft", "--prompts", "2", "--set", f"model={model}", "--set", "group_size=2",
+                      "--set", "rollout.steps=3", "--set", "rollout.sde_window=[0,2]", "--set", "lora_rank=0",
+                      "--set", "reward=jpeg_incompressibility", "--set", "reward_kwargs={}"])
+    assert out["images"] == 4 and [r["k"] for r in out["steps"]] == [0, 1]
+    for r in out["steps"]:
+        assert r["grad_policy"] > 0 and r["grad_cpgo_lambda1"] > 0 and r["cpgo_dist"] > 0
+        assert r["lambda_for_10pct"] == pytest.approx(0.1 * r["grad_policy"] / r["grad_cpgo_lambda1"])
