@@ -50,6 +50,7 @@ __all__ = [
     "check_in_sync",
     "get_world",
     "init_distributed",
+    "live_gradients",
     "raise_if_any_failed",
     "run_on_main",
     "shard_groups",
@@ -216,6 +217,19 @@ def _buckets(tensors: Iterable[Tensor]) -> dict[tuple[torch.dtype, torch.device]
 
 
 @torch.no_grad()
+def live_gradients(params: Sequence[torch.nn.Parameter]) -> list[int]:
+    """Indices of the parameters that have a gradient on at least one rank (one all-reduce);
+    those without one on this rank get a zero gradient, so every rank reduces the same tensors."""
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=get_world().comm_device)
+    dist.all_reduce(has)
+    live = [i for i, h in enumerate(has.tolist()) if h]
+    for i in live:
+        if params[i].grad is None:
+            params[i].grad = torch.zeros_like(params[i])
+    return live
+
+
+@torch.no_grad()
 def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     """Average ``p.grad`` over ranks, in place (one flat all-reduce per dtype and device).
 
@@ -229,14 +243,9 @@ def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     world = get_world()
     if not world.distributed:
         return
-    params = list(params)
     dev = world.comm_device
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=dev)
-    dist.all_reduce(has)
-    live = [p for p, h in zip(params, has.tolist(), strict=True) if h]
-    for p in live:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    params = list(params)
+    live = [params[i] for i in live_gradients(params)]
     for group in _buckets(p.grad for p in live).values():
         flat = torch.cat([g.reshape(-1) for g in group]).to(dev)
         dist.all_reduce(flat)

@@ -30,7 +30,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from diffalign.distributed import _buckets, all_gather_object, all_reduce_gradients, get_world
+from diffalign.distributed import (
+    _buckets,
+    all_gather_object,
+    all_reduce_gradients,
+    broadcast_parameters,
+    get_world,
+    live_gradients,
+)
 
 __all__ = ["ShardedOptimizer", "make_optimizer", "partition_parameters", "reduce_clip_step"]
 
@@ -68,7 +75,6 @@ class ShardedOptimizer:
         self.local = [i for i, r in enumerate(self.owner) if r == self.world.rank]
         # a rank that owns nothing (more ranks than parameters) still needs the hyperparameters
         template = factory([torch.nn.Parameter(torch.zeros(1))])
-        self.defaults = dict(template.defaults)
         self.inner = factory([self.params[i] for i in self.local]) if self.local else None
         hyper = {k: v for k, v in template.param_groups[0].items() if k != "params"}
         self.param_groups = [{**hyper, "params": self.params}]
@@ -86,12 +92,7 @@ class ShardedOptimizer:
         """Reduce gradients to their owners, clip by the global norm, step, broadcast; returns the
         total gradient norm before clipping (as ``clip_grad_norm_``)."""
         world, dev = self.world, self.world.comm_device
-        has = torch.tensor([p.grad is not None for p in self.params], dtype=torch.int32, device=dev)
-        dist.all_reduce(has)
-        live = [i for i, h in enumerate(has.tolist()) if h]
-        for i in live:
-            if self.params[i].grad is None:
-                self.params[i].grad = torch.zeros_like(self.params[i])
+        live = live_gradients(self.params)
         for r in range(world.world_size):
             mine = [i for i in live if self.owner[i] == r]
             for group in _buckets(self.params[i].grad for i in mine).values():
@@ -124,13 +125,7 @@ class ShardedOptimizer:
                         g[k] = self.param_groups[0][k]
             self.inner.step()
         for r in range(world.world_size):
-            for group in _buckets(self.params[i] for i in range(len(self.params)) if self.owner[i] == r).values():
-                flat = torch.cat([p.detach().reshape(-1) for p in group]).to(dev)
-                dist.broadcast(flat, src=r)
-                offset = 0
-                for p in group:
-                    p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                    offset += p.numel()
+            broadcast_parameters([p for p, o in zip(self.params, self.owner, strict=True) if o == r], src=r)
         return float(total)
 
     # -- checkpoints -----------------------------------------------------------------------
