@@ -25,7 +25,11 @@ model=...``) at every guidance the runs used, so each method has its own startin
 ``--reuse`` keeps any run whose training finished and whose ``eval/eval.json`` was made with
 the same evaluation settings, so an interrupted benchmark continues where it stopped and
 presets can be split across processes (``--set threads=1``) and gathered by one last call
-with every preset and ``--reuse``.
+with every preset and ``--reuse``. ``--gather`` is that last call made safe: it never starts
+training (a preset/seed without a finished run is listed as "not run"), and with
+``--runs-from DIR`` (repeatable) it also looks for ``<preset>-seed<S>`` and ``base-cfg<G>`` in
+other benchmark directories, so one table can collect runs made with different budgets (the
+table's "steps", "train min" and "train reward" columns tell them apart).
 
 Prints JSON and a markdown table; writes ``OUT/convergence.json``, ``OUT/convergence.md``
 and a ``diffalign compare`` report of all runs in ``OUT/compare/``.
@@ -100,7 +104,7 @@ def run_figures(run_dir: Path, ev: dict | None, target: float | None, target_gai
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in rows if r.get("eval/score") is not None]
-    fig: dict = {"steps": float(rows[-1]["step"]) if rows else None,
+    fig: dict = {"train_reward": _train_reward(run_dir), "steps": float(rows[-1]["step"]) if rows else None,
                  "train_minutes": float(rows[-1].get("train_time_s", 0.0)) / 60.0 if rows else None,
                  "start_eval_score": evals[0]["eval/score"] if evals else None,
                  "final_eval_score": evals[-1]["eval/score"] if evals else None}
@@ -111,6 +115,17 @@ def run_figures(run_dir: Path, ev: dict | None, target: float | None, target_gai
     if ev:
         fig |= eval_figures(ev)
     return fig
+
+
+def _train_reward(run_dir: Path) -> str | None:
+    """The training reward named in a run's resolved config (e.g. ``verifier``, ``shapes_score``)."""
+    import yaml
+
+    f = run_dir / "config.yaml"
+    if not f.is_file():
+        return None
+    r = (yaml.safe_load(f.read_text()) or {}).get("reward")
+    return r if isinstance(r, str) else (json.dumps(r) if r is not None else None)
 
 
 def eval_figures(ev: dict) -> dict:
@@ -130,7 +145,8 @@ def eval_figures(ev: dict) -> dict:
 LOWLEVEL = ("laplacian_var", "highpass", "edge_spread", "flat_noise")
 
 
-COLUMNS = [("eval_guidance", "eval CFG"), ("test_score", "verifier test"), ("ood_score", "verifier ood"), ("steps_to_target", "steps to target"),
+COLUMNS = [("train_reward", "train reward"), ("steps", "steps"), ("train_minutes", "train min"),
+           ("eval_guidance", "eval CFG"), ("test_score", "verifier test"), ("ood_score", "verifier ood"), ("steps_to_target", "steps to target"),
            ("minutes_to_target", "min to target"), ("high_level_hallucination", "high-level halluc. / img"),
            ("flat_noise", "flat-region noise"), ("diversity", "diversity"), ("proxy_score", "proxy (ShapesScore)"),
            ("proxy_gap", "proxy − verifier")]
@@ -140,6 +156,10 @@ def aggregate(figs: list[dict]) -> dict:
     out = {}
     keys = {k for f in figs for k in f}
     for k in sorted(keys):
+        names = sorted({f[k] for f in figs if isinstance(f.get(k), str)})
+        if names:  # a label such as the training reward
+            out[k] = ", ".join(names)
+            continue
         vals = [f[k] for f in figs if isinstance(f.get(k), int | float)]
         out[k] = ({"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals)),
                    "n": len(vals)} if vals else None)
@@ -147,9 +167,12 @@ def aggregate(figs: list[dict]) -> dict:
 
 
 def _cell(a: dict | None, n_runs: int, key: str) -> str:
+    if isinstance(a, str):
+        return a
     if a is None:
         return "not reached" if key.endswith("to_target") else "—"
-    fmt = "{:.0f}" if key == "steps_to_target" else ("{:.1f}" if key in ("minutes_to_target", "eval_guidance")
+    fmt = "{:.0f}" if key in ("steps_to_target", "steps") else (
+        "{:.1f}" if key in ("minutes_to_target", "eval_guidance", "train_minutes")
                                                      else "{:.5f}" if key == "flat_noise" else "{:.3f}")
     s = fmt.format(a["mean"]) if a["min"] == a["max"] else (
         f"{fmt.format(a['mean'])} [{fmt.format(a['min'])}, {fmt.format(a['max'])}]")
@@ -173,9 +196,13 @@ def markdown(result: dict) -> str:
         seeds = ",".join(str(s["seed"]) for s in ok)
         lines.append(f"| {name} | {seeds} | " + " | ".join(_cell(r["aggregate"].get(k), len(ok), k)
                                                            for k, _ in COLUMNS) + " |")
+    for name in result.get("not_run", []):
+        lines.append(f"| {name} | — | not run |" + " |" * (len(COLUMNS) - 1))
     b = result["settings"]
     tgt = f"score ≥ {b['target']}" if b["target"] is not None else f"+{b['target_gain']} over the run's step-0 score"
-    lines += ["", f"Budget {b['minutes']} training minutes per run; verifier scores from `diffalign eval` on "
+    budget = ("Runs gathered from several benchmark directories; their budgets differ (see steps / train min)"
+              if b.get("gather") else f"Budget {b['minutes']} training minutes per run")
+    lines += ["", f"{budget}; verifier scores from `diffalign eval` on "
                   f"{b['eval_images']} images per split ({b['images_per_prompt']} per prompt); target: {tgt} in the "
                   "run's periodic evaluation. Mean over seeds, [min, max] where they differ."]
     return "\n".join(lines) + "\n"
@@ -262,7 +289,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--base", action="store_true", help="add a row for the base model at each guidance used")
     ap.add_argument("--reuse", action="store_true",
                     help="keep finished runs (summary.json + eval.json with the same settings) instead of rerunning")
+    ap.add_argument("--gather", action="store_true",
+                    help="never train: table the finished runs only (implies --reuse); missing ones are 'not run'")
+    ap.add_argument("--runs-from", action="append", default=[], metavar="DIR",
+                    help="with --gather: also look for <preset>-seed<S> and base-cfg<G> in DIR (repeatable)")
     args = ap.parse_args(argv)
+    if args.runs_from and not args.gather:
+        ap.error("--runs-from only applies to --gather (it never trains into another directory)")
+    args.reuse = args.reuse or args.gather
 
     from diffalign.evaluation.report import evaluate
 
@@ -282,15 +316,30 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"settings": {"presets": names, "seeds": seeds, "minutes": args.minutes,
                                  "overrides": args.overrides, "eval_images": args.eval_images,
                                  "images_per_prompt": args.images_per_prompt, "target": args.target,
-                                 "target_gain": None if args.target is not None else args.target_gain},
-                    "presets": {}}
+                                 "target_gain": None if args.target is not None else args.target_gain,
+                                 "gather": args.gather, "runs_from": args.runs_from},
+                    "presets": {}, "not_run": []}
+    search = [out, *(Path(d).resolve() for d in args.runs_from)]
+
+    def find(name: str) -> Path:
+        """OUT/name, or with --gather the first directory in --runs-from that has it finished."""
+        for d in search if args.gather else [out]:
+            if (d / name / "summary.json").is_file() or (d / name / "eval.json").is_file():
+                return d / name
+        return out / name
+
     done_dirs, used_guidance = [], set()
     for name in names:
         runs = []
         for seed in seeds:
-            rd = out / f"{name}-seed{seed}"
+            rd = find(f"{name}-seed{seed}")
             info = {"seed": seed, "run_dir": str(rd)}
             record = rd / "convergence_run.json"
+            if args.gather and not ((rd / "summary.json").is_file() and record.is_file()):
+                print(f"[convergence] {name} seed {seed}: no finished run, not trained (--gather)",
+                      file=sys.stderr, flush=True)
+                result["not_run"].append(f"{name}-seed{seed}")
+                continue
             if args.reuse and (rd / "summary.json").is_file() and record.is_file():
                 info |= json.loads(record.read_text()) | {"reused": True}
                 print(f"[convergence] {name} seed {seed}: reusing the finished run", file=sys.stderr, flush=True)
@@ -316,13 +365,15 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 print(f"[convergence] {name} seed {seed} failed: {info['error']}", file=sys.stderr, flush=True)
             runs.append(info)
+        if not runs:
+            continue
         ok = [r["figures"] for r in runs if r["ok"]]
         result["presets"][name] = {"runs": runs, "aggregate": aggregate(ok) if ok else {}}
     if args.base:
         result["base"] = {}
         model = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("model=")), "base")
         for g in sorted(used_guidance or {args.eval_guidance or 4.5}):
-            bd = out / f"base-cfg{g:g}"
+            bd = find(f"base-cfg{g:g}")
             settings = {"num_images": args.eval_images, "steps": args.eval_steps, "guidance_scale": g,
                         "images_per_prompt": args.images_per_prompt}
             ev = reusable_eval(bd, settings) if args.reuse else None

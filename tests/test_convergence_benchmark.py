@@ -58,8 +58,25 @@ def test_convergence_tiny_budget(tmp_path, tiny_model, capsys):
     assert base["eval_guidance"] == 4.5 and 0 <= base["test_score"] <= 1
     assert (conv / "base-cfg4.5" / "eval.json").is_file()
     md = (conv / "convergence.md").read_text()
-    assert "| base model | — | 4.5 |" in md
+    assert "| base model | — | — | — | — | 4.5 |" in md
     assert "| renderer |" in md and "| flow_grpo (1 seeds) | 4.5 |" in md  # the hallucination table
+
+    # --gather never trains: finished runs come from --runs-from, missing ones are listed as not run
+    gathered = tmp_path / "gathered"
+    g_args = ["--presets", "flow_grpo,dance_grpo", "--seeds", "0", "--eval-images", "4", "--images-per-prompt", "2",
+              "--eval-steps", "2", "--target", "0.0", "--out", str(gathered), "--gather", "--runs-from", str(conv),
+              "--base", "--no-compare"]
+    res = bench.main(g_args)
+    assert res["not_run"] == ["dance_grpo-seed0"] and "dance_grpo" not in res["presets"]
+    assert not (gathered / "dance_grpo-seed0").exists() and not (gathered / "flow_grpo-seed0").exists()
+    assert res["presets"]["flow_grpo"]["runs"][0]["run_dir"] == str(conv / "flow_grpo-seed0")
+    assert res["presets"]["flow_grpo"]["aggregate"]["test_score"] == agg["test_score"]
+    assert res["base"]["4.5"]["test_score"] == base["test_score"] and ev_file.stat().st_mtime_ns == stamp
+    md = (gathered / "convergence.md").read_text()
+    assert "| dance_grpo-seed0 | — | not run |" in md and "budgets differ" in md
+    assert "| flow_grpo | 0 | shapes_verifier | 2 |" in md  # training reward and steps of the gathered run
+    with pytest.raises(SystemExit):  # --runs-from without --gather could train into a foreign directory
+        bench.main(["--runs-from", str(conv), "--out", str(tmp_path / "y")])
 
 
 def test_hallucination_table_is_relative_to_base_and_renderer():
