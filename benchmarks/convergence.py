@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["presets"][name] = {"runs": runs, "aggregate": aggregate(ok) if ok else {}}
     if args.base:
         result["base"] = {}
-        model = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("model=")), "base")
+        model = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("model=")), None)
+        model = None if model in (None, "base") else model  # None: the shipped base checkpoint
         for g in sorted(used_guidance or {args.eval_guidance or 4.5}):
             bd = find(f"base-cfg{g:g}")
             settings = {"num_images": args.eval_images, "steps": args.eval_steps, "guidance_scale": g,

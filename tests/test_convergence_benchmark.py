@@ -109,3 +109,14 @@ def test_convergence_reports_failed_runs(tmp_path):
     assert "failed:" in (tmp_path / "conv" / "convergence.md").read_text()
     with pytest.raises(SystemExit):
         bench.main(["--presets", "nope", "--out", str(tmp_path / "x")])
+
+
+def test_gather_base_row_uses_the_shipped_base(tmp_path):
+    """--base with no model= override evaluates the shipped base checkpoint (and --gather trains nothing)."""
+    bench = _load_benchmark()
+    res = bench.main(["--presets", "flow_grpo", "--seeds", "0", "--gather", "--base", "--eval-images", "2",
+                      "--images-per-prompt", "1", "--eval-steps", "2", "--out", str(tmp_path / "g")])
+    assert res["not_run"] == ["flow_grpo-seed0"] and not (tmp_path / "g" / "flow_grpo-seed0").exists()
+    ev = json.loads((tmp_path / "g" / "base-cfg4.5" / "eval.json").read_text())
+    assert ev["num_images"] == 2 and "base" in ev["model"]
+    assert 0 <= res["base"]["4.5"]["test_score"] <= 1
