@@ -201,7 +201,7 @@ def markdown(result: dict) -> str:
     b = result["settings"]
     tgt = f"score ≥ {b['target']}" if b["target"] is not None else f"+{b['target_gain']} over the run's step-0 score"
     budget = ("Runs gathered from several benchmark directories; their budgets differ (see steps / train min)"
-              if b.get("gather") else f"Budget {b['minutes']} training minutes per run")
+              if b.get("runs_from") else f"Budget {b['minutes']} training minutes per run")
     lines += ["", f"{budget}; verifier scores from `diffalign eval` on "
                   f"{b['eval_images']} images per split ({b['images_per_prompt']} per prompt); target: {tgt} in the "
                   "run's periodic evaluation. Mean over seeds, [min, max] where they differ."]

@@ -128,6 +128,17 @@ def test_compare_groups_seeds_and_warns_on_mixed_configs(runs, tmp_path):
         warnings.simplefilter("error", MixedConfigWarning)
         compare(runs[:2], tmp_path / "cmp2")
 
+    # a run saved before a config field existed groups with a newer run at that field's default
+    old = tmp_path / "a-seed2"
+    shutil.copytree(runs[1], old)
+    text = (old / "config.yaml").read_text()
+    assert "\nsharding: none\n" in text
+    (old / "config.yaml").write_text(text.replace("\nsharding: none\n", "\n").replace("seed: 1", "seed: 2"))
+    assert [len(g) for g in group_runs([load_run(runs[0]), load_run(old)])] == [2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MixedConfigWarning)
+        compare([runs[0], old], tmp_path / "cmp3")
+
 
 def test_compare_bad_inputs(runs, tmp_path, capsys):
     with pytest.raises(DiffalignError, match="not a run directory"):
