@@ -196,15 +196,20 @@ def markdown(result: dict) -> str:
         seeds = ",".join(str(s["seed"]) for s in ok)
         lines.append(f"| {name} | {seeds} | " + " | ".join(_cell(r["aggregate"].get(k), len(ok), k)
                                                            for k, _ in COLUMNS) + " |")
-    for name in result.get("not_run", []):
-        lines.append(f"| {name} | — | not run |" + " |" * (len(COLUMNS) - 1))
+    missing = result.get("not_run", [])
+    for name in result["settings"]["presets"]:
+        if name not in result["presets"] and any(m.rsplit("-seed", 1)[0] == name for m in missing):
+            lines.append(f"| {name} | — | not run |" + " |" * (len(COLUMNS) - 1))
     b = result["settings"]
     tgt = f"score ≥ {b['target']}" if b["target"] is not None else f"+{b['target_gain']} over the run's step-0 score"
-    budget = ("Runs gathered from several benchmark directories; their budgets differ (see steps / train min)"
+    budget = ("Runs gathered from several benchmark directories; their budgets may differ (see steps / train min)"
               if b.get("runs_from") else f"Budget {b['minutes']} training minutes per run")
     lines += ["", f"{budget}; verifier scores from `diffalign eval` on "
                   f"{b['eval_images']} images per split ({b['images_per_prompt']} per prompt); target: {tgt} in the "
                   "run's periodic evaluation. Mean over seeds, [min, max] where they differ."]
+    partial = [m for m in missing if m.rsplit("-seed", 1)[0] in result["presets"]]
+    if partial:
+        lines += ["", "Seeds not run (no finished run found): " + ", ".join(partial) + "."]
     return "\n".join(lines) + "\n"
 
 

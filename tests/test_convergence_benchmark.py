@@ -63,17 +63,19 @@ def test_convergence_tiny_budget(tmp_path, tiny_model, capsys):
 
     # --gather never trains: finished runs come from --runs-from, missing ones are listed as not run
     gathered = tmp_path / "gathered"
-    g_args = ["--presets", "flow_grpo,dance_grpo", "--seeds", "0", "--eval-images", "4", "--images-per-prompt", "2",
+    g_args = ["--presets", "flow_grpo,dance_grpo", "--seeds", "0,1", "--eval-images", "4", "--images-per-prompt", "2",
               "--eval-steps", "2", "--target", "0.0", "--out", str(gathered), "--gather", "--runs-from", str(conv),
               "--base", "--no-compare"]
     res = bench.main(g_args)
-    assert res["not_run"] == ["dance_grpo-seed0"] and "dance_grpo" not in res["presets"]
+    assert res["not_run"] == ["flow_grpo-seed1", "dance_grpo-seed0", "dance_grpo-seed1"]
+    assert "dance_grpo" not in res["presets"] and len(res["presets"]["flow_grpo"]["runs"]) == 1
     assert not (gathered / "dance_grpo-seed0").exists() and not (gathered / "flow_grpo-seed0").exists()
     assert res["presets"]["flow_grpo"]["runs"][0]["run_dir"] == str(conv / "flow_grpo-seed0")
     assert res["presets"]["flow_grpo"]["aggregate"]["test_score"] == agg["test_score"]
     assert res["base"]["4.5"]["test_score"] == base["test_score"] and ev_file.stat().st_mtime_ns == stamp
     md = (gathered / "convergence.md").read_text()
-    assert "| dance_grpo-seed0 | — | not run |" in md and "budgets differ" in md
+    assert "| dance_grpo | — | not run |" in md and "budgets may differ" in md
+    assert "Seeds not run (no finished run found): flow_grpo-seed1." in md
     assert "| flow_grpo | 0 | shapes_verifier | 2 |" in md  # training reward and steps of the gathered run
     with pytest.raises(SystemExit):  # --runs-from without --gather could train into a foreign directory
         bench.main(["--runs-from", str(conv), "--out", str(tmp_path / "y")])
