@@ -253,13 +253,19 @@ def plot_curves(groups: list[list[Run]], labels: list[str], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    # one legend row per 3 entries below the plots; the figure grows so the legend never covers them
+    legend_rows = -(-sum(1 if len(g) > 1 else len(g) for g in groups) // 3)
+    legend_in = 0.3 + 0.2 * legend_rows
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.0 + legend_in))
     panels = [("eval/score", "step", "eval verifier score"), ("eval/score", "train_time_s", "eval verifier score"),
               ("reward", "step", "train reward"), ("reward", "train_time_s", "train reward")]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # distinct colours for up to 20 groups (tab20 beyond the default 10), then dashed lines
+    colors = (plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(groups) <= 10
+              else list(matplotlib.colormaps["tab20"].colors))
     for ax, (key, x, ylabel) in zip(axes.flat, panels, strict=True):
         for gi, (g, label) in enumerate(zip(groups, labels, strict=True)):
             c = colors[gi % len(colors)]
+            ls = "-" if gi < len(colors) else "--"
             series = [r.series(key, x) for r in g]
             steps = [r.series(key, "step")[0] for r in g]
             if not any(len(s[0]) for s in series):
@@ -268,12 +274,12 @@ def plot_curves(groups: list[list[Run]], labels: list[str], path: Path) -> Path:
                 band = _mean_band([s[0] for s in series], [s[1] for s in series], steps)
                 if band is not None:
                     mx, my, lo, hi = band
-                    ax.plot(mx, my, "o-" if key.startswith("eval") else "-", color=c, ms=3,
+                    ax.plot(mx, my, marker="o" if key.startswith("eval") else None, ls=ls, color=c, ms=3,
                             label=f"{label} (mean of {len(g)} seeds)")
                     ax.fill_between(mx, lo, hi, color=c, alpha=0.2, linewidth=0)
                     continue
             for r, (sx, sy) in zip(g, series, strict=True):
-                ax.plot(sx, sy, "o-" if key.startswith("eval") else "-", color=c, ms=3,
+                ax.plot(sx, sy, marker="o" if key.startswith("eval") else None, ls=ls, color=c, ms=3,
                         label=label if len(g) == 1 else f"{label}: {r.label}")
         ax.set_xlabel("step" if x == "step" else "training wall-clock (min)")
         ax.set_ylabel(ylabel)
@@ -283,7 +289,7 @@ def plot_curves(groups: list[list[Run]], labels: list[str], path: Path) -> Path:
         handles, names = axes.flat[2].get_legend_handles_labels()
     if handles:
         fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
