@@ -118,13 +118,17 @@ def run_figures(run_dir: Path, ev: dict | None, target: float | None, target_gai
 
 
 def _train_reward(run_dir: Path) -> str | None:
-    """The training reward named in a run's resolved config (e.g. ``verifier``, ``shapes_score``)."""
+    """The training reward in a run's resolved config (e.g. ``shapes_verifier``, ``shapes_score``), or
+    ``pairs: NAME`` for a preference preset trained on the pair dataset NAME."""
     import yaml
 
     f = run_dir / "config.yaml"
     if not f.is_file():
         return None
-    r = (yaml.safe_load(f.read_text()) or {}).get("reward")
+    cfg = yaml.safe_load(f.read_text()) or {}
+    r = cfg.get("reward")
+    if r is None and cfg.get("data"):  # preference presets learn from a pair dataset, not a reward
+        return f"pairs: {Path(str(cfg['data'])).name}"
     return r if isinstance(r, str) else (json.dumps(r) if r is not None else None)
 
 

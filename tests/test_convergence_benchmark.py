@@ -122,3 +122,12 @@ def test_gather_base_row_uses_the_shipped_base(tmp_path):
     ev = json.loads((tmp_path / "g" / "base-cfg4.5" / "eval.json").read_text())
     assert ev["num_images"] == 2 and "base" in ev["model"]
     assert 0 <= res["base"]["4.5"]["test_score"] <= 1
+
+
+def test_train_reward_column(tmp_path):
+    bench = _load_benchmark()
+    (tmp_path / "config.yaml").write_text("algorithm: sft\ndata: runs/prefs_shapes\n")
+    assert bench._train_reward(tmp_path) == "pairs: prefs_shapes"
+    (tmp_path / "config.yaml").write_text("algorithm: crd\nreward: shapes_score\n")
+    assert bench._train_reward(tmp_path) == "shapes_score"
+    assert bench._train_reward(tmp_path / "missing") is None
