@@ -139,6 +139,18 @@ def test_compare_groups_seeds_and_warns_on_mixed_configs(runs, tmp_path):
         warnings.simplefilter("error", MixedConfigWarning)
         compare([runs[0], old], tmp_path / "cmp3")
 
+    # many runs: the warning names the distinct values instead of one value per run
+    many = [runs[0], runs[1], runs[2]]
+    for lr in ("0.004", "0.005"):
+        d = tmp_path / f"c-lr{lr}"
+        shutil.copytree(runs[2], d)
+        text = (d / "config.yaml").read_text()
+        assert "\nlr: 0.003\n" in text
+        (d / "config.yaml").write_text(text.replace("\nlr: 0.003\n", f"\nlr: {lr}\n"))
+        many.append(d)
+    with pytest.warns(MixedConfigWarning, match=r"lr \(4 values: 0\.002, 0\.003, 0\.004, 0\.005\)"):
+        compare(many, tmp_path / "cmp4")
+
 
 def test_compare_bad_inputs(runs, tmp_path, capsys):
     with pytest.raises(DiffalignError, match="not a run directory"):

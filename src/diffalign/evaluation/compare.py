@@ -361,7 +361,13 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path, *, target: float | 
     diffs = config_differences(runs)
     warning = None
     if diffs:
-        fields = ", ".join(f"{k} ({' vs '.join(_short(v) for v in vals)})" for k, vals in list(diffs.items())[:8])
+        def values(vals: list) -> str:  # every run's value for a few runs, the distinct values for many
+            if len(vals) <= 4:
+                return " vs ".join(_short(v) for v in vals)
+            distinct = list(dict.fromkeys(_short(v) for v in vals))
+            return f"{len(distinct)} values: {', '.join(distinct[:6])}{', ...' if len(distinct) > 6 else ''}"
+
+        fields = ", ".join(f"{k} ({values(vals)})" for k, vals in list(diffs.items())[:8])
         more = f" and {len(diffs) - 8} more" if len(diffs) > 8 else ""
         warning = (f"the compared runs differ in more than their seed: {fields}{more}. Differences in the "
                    "figures may come from any of these fields.")
