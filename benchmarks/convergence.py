@@ -71,13 +71,19 @@ def run_preset(preset: str, seed: int, out: Path, minutes: float, overrides: lis
     return {"ok": proc.returncode == 0, "seconds": time.perf_counter() - t0, "error": err, "command": " ".join(cmd)}
 
 
+def _run_config(run_dir: Path) -> dict | None:
+    """A run's saved ``config.yaml`` as a dict (None if it has none)."""
+    import yaml
+
+    f = run_dir / "config.yaml"
+    return (yaml.safe_load(f.read_text()) or {}) if f.is_file() else None
+
+
 def run_guidance(run_dir: Path, fixed: float | None) -> float:
     """CFG weight of a run's final evaluation: ``fixed`` or the run's own ``eval.guidance_scale``."""
     if fixed is not None:
         return fixed
-    import yaml
-
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    cfg = _run_config(run_dir) or {}
     return float((cfg.get("eval") or {}).get("guidance_scale", 4.5))
 
 
@@ -120,12 +126,9 @@ def run_figures(run_dir: Path, ev: dict | None, target: float | None, target_gai
 def _train_reward(run_dir: Path) -> str | None:
     """The training reward in a run's resolved config (e.g. ``shapes_verifier``, ``shapes_score``), or
     ``pairs: NAME`` for a preference preset trained on the pair dataset NAME."""
-    import yaml
-
-    f = run_dir / "config.yaml"
-    if not f.is_file():
+    cfg = _run_config(run_dir)
+    if cfg is None:
         return None
-    cfg = yaml.safe_load(f.read_text()) or {}
     r = cfg.get("reward")
     if r is None and cfg.get("data"):  # preference presets learn from a pair dataset, not a reward
         return f"pairs: {Path(str(cfg['data'])).name}"
@@ -344,12 +347,13 @@ def main(argv: list[str] | None = None) -> dict:
             rd = find(f"{name}-seed{seed}")
             info = {"seed": seed, "run_dir": str(rd)}
             record = rd / "convergence_run.json"
-            if args.gather and not ((rd / "summary.json").is_file() and record.is_file()):
+            finished = (rd / "summary.json").is_file() and record.is_file()
+            if args.gather and not finished:
                 print(f"[convergence] {name} seed {seed}: no finished run, not trained (--gather)",
                       file=sys.stderr, flush=True)
                 result["not_run"].append(f"{name}-seed{seed}")
                 continue
-            if args.reuse and (rd / "summary.json").is_file() and record.is_file():
+            if args.reuse and finished:
                 info |= json.loads(record.read_text()) | {"reused": True}
                 print(f"[convergence] {name} seed {seed}: reusing the finished run", file=sys.stderr, flush=True)
             else:

@@ -253,8 +253,8 @@ def plot_curves(groups: list[list[Run]], labels: list[str], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # one legend row per 3 entries below the plots; the figure grows so the legend never covers them
-    legend_rows = -(-sum(1 if len(g) > 1 else len(g) for g in groups) // 3)
+    # one legend row per 3 groups below the plots; the figure grows so the legend never covers them
+    legend_rows = -(-len(groups) // 3)
     legend_in = 0.3 + 0.2 * legend_rows
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.0 + legend_in))
     panels = [("eval/score", "step", "eval verifier score"), ("eval/score", "train_time_s", "eval verifier score"),
