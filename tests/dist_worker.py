@@ -5,7 +5,8 @@ Run under ``torchrun --nproc_per_node 2 tests/dist_worker.py MODEL OUT`` (gloo o
 a tiny model for a few epochs and saves, per rank, ``OUT/<algo>_rank<r>.pt``: the advantages
 and group ids each update received, the final trainable parameters, and the run directory
 (rank 0's metrics hold the gathered reward means). ``--grad`` also checks that
-:func:`diffalign.distributed.all_reduce_gradients` yields the gradient of the whole batch.
+:func:`diffalign.distributed.all_reduce_gradients` yields the gradient of the whole batch, and
+records what ``sharding: gradients`` (ZeRO-2) holds per rank after one and two micro-batches.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ torch.set_num_threads(1)
 
 from diffalign.config import load_config  # noqa: E402
 from diffalign.distributed import all_reduce_gradients, barrier, get_world, init_distributed  # noqa: E402
+from diffalign.sharding import SHARDING_MODES, make_optimizer, reduce_clip_step  # noqa: E402
 from diffalign.training.trainer import TrainConfig, Trainer  # noqa: E402
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
@@ -50,12 +52,38 @@ def config(model: str, algo: str, *extra: str) -> TrainConfig:
                        [f"model={model}", *COMMON, *args, *extra])
 
 
+def accelerate_env(launch_config: str) -> dict[str, str]:
+    """The environment ``accelerate launch --config_file configs/accelerate/<launch_config>.yaml``
+    gives its processes, built by accelerate's own launcher code (no GPU needed to build it)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{launch_config}.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "diffalign.cli", "train", "x"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
+        return prepare_deepspeed_cmd_env(args)[1]
+    return prepare_multi_gpu_env(args)
+
+
 def run(model: str, out: Path, algo: str, epochs: int, *, resume: bool = False, sharding: str = "none") -> None:
+    """``sharding``: the config's mode (none / optimizer / gradients), or the name of a shipped
+    accelerate launch config (e.g. deepspeed_zero2) whose environment sets the mode instead."""
     world = get_world()
-    extra = [f"epochs={epochs}", f"sharding={sharding}"]
+    launch = sharding if sharding not in SHARDING_MODES else None
+    extra = [f"epochs={epochs}", f"sharding={'none' if launch else sharding}"]
     name = algo if sharding == "none" else f"{algo}_{sharding}"
     run_dir = out / f"{name}_run"
-    trainer = Trainer(config(model, algo, *extra), run_dir)
+    saved = dict(os.environ)
+    if launch:
+        os.environ.update({k: v for k, v in accelerate_env(launch).items()
+                           if k.startswith(("ACCELERATE_USE", "ACCELERATE_DEEPSPEED", "FSDP_"))})
+    try:
+        trainer = Trainer(config(model, algo, *extra), run_dir)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     seen = []
     update = trainer.algo.update
 
@@ -67,7 +95,9 @@ def run(model: str, out: Path, algo: str, epochs: int, *, resume: bool = False, 
     trainer.algo.update = recording_update
     trainer.train()
     params = {k: v.detach().clone() for k, v in trainer.policy.trainable_state().items()}
-    torch.save({"updates": seen, "params": params, "world_size": world.world_size},
+    opt = trainer.optimizer
+    torch.save({"updates": seen, "params": params, "world_size": world.world_size, "sharding": trainer.sharding,
+                "shard_gradients": bool(getattr(opt, "shard_gradients", False))},
                out / f"{name}_rank{world.rank}.pt")
 
     if not resume:
@@ -101,6 +131,22 @@ def grad_check(out: Path) -> None:
     ((net(x) - y) ** 2).mean().backward()
     want = [None if p.grad is None else p.grad.clone() for p in params]
     torch.save({"got": got, "want": want}, out / f"grad_rank{world.rank}.pt")
+    # ZeRO-2: two micro-batches per step, gradients reduced to their owners during each backward
+    zero2 = {}
+    for micro in (1, 2):
+        for p in params:
+            p.grad = None
+        opt = make_optimizer(params, lambda ps: torch.optim.SGD(ps, lr=0.0), "gradients")
+        held = []
+        for part in torch.arange(n).chunk(micro):
+            r = rows.start + part
+            (((net(x[r]) - y[r]) ** 2).sum() / n).backward()
+            held.append(opt.gradient_bytes())
+        owned = opt.owned_gradients()
+        zero2[micro] = {"owned": owned, "owner": opt.owner, "held": held, "grads_left": [p.grad is not None for p in params],
+                        "norm": reduce_clip_step(opt, params, 1e9)}
+        opt.remove_hooks()
+    torch.save(zero2, out / f"zero2_rank{world.rank}.pt")
 
 
 def main() -> int:

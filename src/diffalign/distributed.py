@@ -50,8 +50,10 @@ __all__ = [
     "check_in_sync",
     "get_world",
     "init_distributed",
+    "launch_sharding",
     "live_gradients",
     "raise_if_any_failed",
+    "resolve_sharding",
     "run_on_main",
     "shard_groups",
 ]
@@ -121,12 +123,7 @@ def init_distributed() -> World:
     if missing:
         raise ConfigError(f"WORLD_SIZE={world_size} but {', '.join(missing)} unset: launch multi-process "
                           "runs with `torchrun --nproc_per_node N ...` or `accelerate launch ...` (docs/distributed.md)")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \
-            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise ConfigError("the diffalign trainer runs data-parallel with its own gradient reduction; it does not "
-                          "shard parameters with FSDP or run the DeepSpeed engine. Launch with "
-                          "configs/accelerate/ddp.yaml and, to shard the optimizer state across ranks (ZeRO "
-                          "stage 1), set sharding=optimizer (see docs/distributed.md)")
+    launch_sharding()  # refuse an unsupported FSDP / DeepSpeed launch config before joining
     backend = os.environ.get("DIFFALIGN_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     if backend == "nccl":
@@ -148,6 +145,91 @@ def barrier() -> None:
 
 
 # --------------------------------------------------------------------------- sharding
+
+_FSDP_STRATEGIES = {"1": "FULL_SHARD", "2": "SHARD_GRAD_OP", "3": "NO_SHARD", "4": "HYBRID_SHARD",
+                    "5": "_HYBRID_SHARD_ZERO2"}
+_UNSUPPORTED_HINT = ("diffalign replicates the parameters on every rank (rollouts, snapshots and the reference model "
+                     "need them whole) and shards the optimizer state (ZeRO-1) or the optimizer state and gradients "
+                     "(ZeRO-2) itself. Launch with configs/accelerate/deepspeed_zero2.yaml or fsdp.yaml as shipped, "
+                     "or with ddp.yaml and sharding=gradients (docs/distributed.md)")
+
+
+def launch_sharding(env: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """The sharding an ``accelerate launch`` config asks for, as diffalign implements it.
+
+    ``accelerate launch --config_file ...`` describes FSDP and DeepSpeed runs in environment
+    variables. diffalign does not hand its model to the DeepSpeed engine or wrap it in FSDP: it
+    implements the same memory savings itself (``diffalign.sharding``), so a launch config maps
+    to a ``sharding`` mode:
+
+    - DeepSpeed ZeRO stage 1 → ``optimizer``; stage 2 → ``gradients``; stage 0 → ``none``;
+    - FSDP ``SHARD_GRAD_OP`` (FSDP 1) or ``reshard_after_forward: false`` (FSDP 2) →
+      ``gradients``; ``NO_SHARD`` → ``none``.
+
+    Returns ``(mode, description)``, or None for a launch without FSDP / DeepSpeed (``ddp.yaml``,
+    ``torchrun``).
+
+    Raises:
+        ConfigError: parameter sharding (ZeRO stage 3, FSDP ``FULL_SHARD`` / ``HYBRID_SHARD``) or
+            CPU offloading, which diffalign does not implement.
+    """
+    env = dict(os.environ if env is None else env)
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if stage is None and env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            import json
+
+            with open(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]) as f:
+                stage = str(json.load(f).get("zero_optimization", {}).get("stage", 0))
+        offload = [k for k in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
+                   if env.get(k, "none").lower() not in ("none", "")]
+        if offload:
+            raise ConfigError(f"the DeepSpeed launch config offloads to the CPU ({', '.join(offload)}); diffalign "
+                              f"does not implement offloading. Set offload_optimizer_device and "
+                              f"offload_param_device to none. {_UNSUPPORTED_HINT}")
+        modes = {"0": "none", "1": "optimizer", "2": "gradients"}
+        if stage is None:
+            raise ConfigError("the DeepSpeed launch config names no ZeRO stage: set zero_stage (1 or 2) in its "
+                              f"deepspeed_config. {_UNSUPPORTED_HINT}")
+        if stage not in modes:
+            raise ConfigError(f"the DeepSpeed launch config asks for ZeRO stage {stage} (parameter sharding); diffalign "
+                              f"supports stages 0, 1 and 2. {_UNSUPPORTED_HINT}")
+        return modes[stage], f"DeepSpeed ZeRO stage {stage} launch config"
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+            raise ConfigError(f"the FSDP launch config offloads parameters to the CPU (fsdp_offload_params: true); "
+                              f"diffalign does not implement offloading. {_UNSUPPORTED_HINT}")
+        if env.get("FSDP_VERSION", "1") == "2":
+            if env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "false":
+                return "gradients", "FSDP 2 launch config (reshard_after_forward: false)"
+            raise ConfigError("the FSDP 2 launch config reshards parameters after forward (parameter sharding); "
+                              f"set fsdp_reshard_after_forward: false. {_UNSUPPORTED_HINT}")
+        raw = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
+        strategy = _FSDP_STRATEGIES.get(raw, raw).upper()
+        if strategy in ("SHARD_GRAD_OP", "_HYBRID_SHARD_ZERO2"):
+            return "gradients", f"FSDP {strategy} launch config"
+        if strategy == "NO_SHARD":
+            return "none", "FSDP NO_SHARD launch config"
+        raise ConfigError(f"the FSDP launch config asks for fsdp_sharding_strategy {strategy} (parameter sharding); "
+                          f"use SHARD_GRAD_OP (gradients and optimizer state sharded). {_UNSUPPORTED_HINT}")
+    return None
+
+
+def resolve_sharding(requested: str, env: dict[str, str] | None = None) -> tuple[str, str]:
+    """The sharding mode of a run: the config's ``sharding``, or the launch config's when the
+    config leaves it at ``none``. Returns ``(mode, where it came from)``.
+
+    Raises:
+        ConfigError: both set, to different modes, or an unsupported launch config.
+    """
+    launch = launch_sharding(env)
+    if launch is None or launch[0] == requested:
+        return requested, "config"
+    if requested == "none":
+        return launch
+    raise ConfigError(f"sharding={requested} in the training config, but the {launch[1]} means sharding={launch[0]}; "
+                      "drop one of the two or make them agree")
+
 
 
 def shard_groups(num_groups: int, world: World | None = None) -> slice:

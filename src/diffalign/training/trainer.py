@@ -37,6 +37,7 @@ from diffalign.distributed import (
     check_in_sync,
     init_distributed,
     raise_if_any_failed,
+    resolve_sharding,
     run_on_main,
     shard_groups,
 )
@@ -46,7 +47,7 @@ from diffalign.models.factory import FAMILIES, ModelOptions, build_policy
 from diffalign.rewards import build_reward, checked_call
 from diffalign.rewards.multi import per_reward_inputs
 from diffalign.sampling.rollout import RolloutConfig, Trajectory, rollout
-from diffalign.sharding import make_optimizer
+from diffalign.sharding import SHARDING_MODES, make_optimizer
 from diffalign.training.prompts import sample_file_prompts
 from diffalign.training.rundir import (
     MetricsLogger,
@@ -135,10 +136,13 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     sharding: str = "none"
-    """Multi-process runs: ``none`` (every rank holds the whole AdamW state), or ``optimizer``
+    """Multi-process runs: ``none`` (every rank holds the whole AdamW state), ``optimizer``
     (ZeRO stage 1: each rank keeps the AdamW state of its share of the parameters, gradients
     are reduced to their owner and the updated weights broadcast; same results, optimizer
-    memory divided by the number of ranks; docs/distributed.md). No effect in one process."""
+    memory divided by the number of ranks), or ``gradients`` (ZeRO stage 2: as ``optimizer``,
+    and gradients are reduced in buckets during backward and freed on the other ranks, so
+    gradient memory is divided too). ``none`` defers to an ``accelerate`` DeepSpeed ZeRO-1/2 or
+    FSDP ``SHARD_GRAD_OP`` launch config (docs/distributed.md). No effect in one process."""
     ema_decay: float = 0.0
     """EMA of the trainable weights for evaluation (0 = off)."""
     task_sampling: str = "uniform"
@@ -190,9 +194,9 @@ class TrainConfig:
         if self.lr_schedule not in ("constant", "cosine") or not 0 <= self.lr_min_ratio <= 1:
             raise ConfigError(f"lr_schedule must be constant or cosine (got {self.lr_schedule!r}) and lr_min_ratio "
                               f"in [0, 1] (got {self.lr_min_ratio})")
-        if self.sharding not in ("none", "optimizer"):
-            raise ConfigError(f"sharding must be none or optimizer, got {self.sharding!r} (parameter sharding, "
-                              "FSDP, is not supported: docs/distributed.md)")
+        if self.sharding not in SHARDING_MODES:
+            raise ConfigError(f"sharding must be one of {', '.join(SHARDING_MODES)}, got {self.sharding!r} "
+                              "(parameter sharding, ZeRO-3 / FSDP FULL_SHARD, is not supported: docs/distributed.md)")
         if self.task_sampling not in ("uniform", "adaptive"):
             raise ConfigError(f"task_sampling must be uniform or adaptive, got {self.task_sampling!r}")
         if not (0 <= self.task_sampling_floor <= 1 and 0 <= self.task_sampling_decay < 1):
@@ -333,10 +337,14 @@ class Trainer:
         self.policy = build_policy(cfg.model_family, cfg.model, image_size=cfg.image_size, lora_rank=cfg.lora_rank,
                                    lora_alpha=cfg.lora_alpha, options=cfg.model_options)
         broadcast_parameters(self.policy.trainable_parameters())  # every rank starts from rank 0's weights
+        self.sharding, source = resolve_sharding(cfg.sharding)
+        if self.world.distributed and self.world.is_main and source != "config":
+            print(f"{source}: sharding={self.sharding} (diffalign's own implementation, docs/distributed.md)",
+                  flush=True)
         self.optimizer = make_optimizer(
             self.policy.trainable_parameters(),
             partial(torch.optim.AdamW, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay),
-            cfg.sharding)
+            self.sharding)
         self.algo = build_algorithm(cfg)
         self.reward = build_reward(cfg.reward, **cfg.reward_kwargs)
         self.eval_reward = build_reward("shapes_verifier", mode="score")
