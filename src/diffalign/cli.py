@@ -136,9 +136,13 @@ def _cmd_train(args) -> int:
         cfg = load_config(config_cls, preset, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / f"{preset.stem}-seed{cfg.seed}"
         trainer = trainer_cls(cfg, out)
-    print(f"run directory: {trainer.run.path}")
+    world = getattr(trainer, "world", None)
+    main = world is None or world.is_main  # multi-process: rank 0 alone reports
+    if main:
+        print(f"run directory: {trainer.run.path}")
     summary = trainer.train()
-    print(json.dumps(summary, indent=2))
+    if main:
+        print(json.dumps(summary, indent=2))
     return 0
 
 
