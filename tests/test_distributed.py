@@ -260,6 +260,17 @@ def test_unsupported_launch_configs_are_refused_with_the_fix(env, needle):
     assert "docs/distributed.md" in str(e.value)
 
 
+def test_deepspeed_json_config_file_gives_the_stage(tmp_path):
+    """accelerate's deepspeed_config_file form: the stage is read from the DeepSpeed JSON."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 1}))
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)}
+    assert launch_sharding(env)[0] == "gradients"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="ZeRO stage 3"):
+        launch_sharding(env)
+
+
 def test_launch_config_and_training_config_must_agree():
     zero1 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}
     assert resolve_sharding("optimizer", zero1) == ("optimizer", "config")

@@ -26,6 +26,7 @@ Backend: NCCL when CUDA is available, gloo on CPU (``DIFFALIGN_DIST_BACKEND`` ov
 from __future__ import annotations
 
 import atexit
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -177,8 +178,6 @@ def launch_sharding(env: dict[str, str] | None = None) -> tuple[str, str] | None
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
         if stage is None and env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-            import json
-
             with open(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]) as f:
                 stage = str(json.load(f).get("zero_optimization", {}).get("stage", 0))
         offload = [k for k in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
@@ -229,7 +228,6 @@ def resolve_sharding(requested: str, env: dict[str, str] | None = None) -> tuple
         return launch
     raise ConfigError(f"sharding={requested} in the training config, but the {launch[1]} means sharding={launch[0]}; "
                       "drop one of the two or make them agree")
-
 
 
 def shard_groups(num_groups: int, world: World | None = None) -> slice:

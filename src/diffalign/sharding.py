@@ -105,7 +105,6 @@ class ShardedOptimizer:
         self._seen: set[int] = set()  # parameters that received a gradient since the last step
         if shard_gradients:
             self._buckets = _fixed_buckets(self.params, bucket_mb)
-            self._bucket_of = {i: b for b, idx in enumerate(self._buckets) for i in idx}
             self._ready: set[int] = set()  # gradients of the current backward pass not yet reduced
             self._next = 0  # the next bucket to reduce (buckets go in order on every rank)
             self._pass_open = False
@@ -116,6 +115,7 @@ class ShardedOptimizer:
     def _on_gradient(self, i: int, _param: Tensor) -> None:
         if not self._pass_open:  # first gradient of this backward: reduce the rest when it ends
             self._pass_open = True
+            # runs when this backward's graph is done (the hook DDP uses for its last buckets)
             torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
         self._ready.add(i)
         while self._next < len(self._buckets) and all(j in self._ready for j in self._buckets[self._next]):
@@ -134,8 +134,11 @@ class ShardedOptimizer:
     def _reduce_bucket(self, b: int) -> None:
         world, dev = self.world, self.world.comm_device
         idx = [i for i in self._buckets[b] if i in self._ready]
-        for r in sorted({self.owner[i] for i in idx}):
-            mine = [i for i in idx if self.owner[i] == r]
+        parts: dict[tuple, list[int]] = {}  # one reduce per owner, gradient dtype and device
+        for i in idx:
+            g = self.params[i].grad
+            parts.setdefault((self.owner[i], str(g.dtype), str(g.device)), []).append(i)
+        for (r, _, _), mine in sorted(parts.items()):
             flat = torch.cat([self.params[i].grad.reshape(-1) for i in mine]).to(dev)
             dist.reduce(flat, dst=r)
             if world.rank == r:
