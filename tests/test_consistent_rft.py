@@ -74,18 +74,15 @@ def test_cpgo_regularizer_gates_by_sigma_and_probability():
 def test_cpgo_scale_benchmark_measures_each_trainable_step(tmp_path, monkeypatch):
     """benchmarks/cpgo_scale.py (how the ShapesWorld λ was chosen) on a tiny model: one row per
     SDE step with finite gradient norms, and λ for a 10 % share = 0.1·|∇policy| / |∇CPGO(λ=1)|."""
-    import importlib.util
     from pathlib import Path
 
-    from tiny import tiny_unet
+    from tiny import load_benchmark, tiny_unet
 
     from diffalign.models.checkpoint import save_unet
 
     root = Path(__file__).resolve().parents[1]
     model = save_unet(tmp_path / "tiny.safetensors", tiny_unet(0), 32)
-    spec = importlib.util.spec_from_file_location("cpgo_scale", root / "benchmarks" / "cpgo_scale.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("cpgo_scale")
     monkeypatch.chdir(root)
     out = bench.main(["--preset", "consistent_rft", "--prompts", "2", "--set", f"model={model}", "--set", "group_size=2",
                       "--set", "rollout.steps=3", "--set", "rollout.sde_window=[0,2]", "--set", "lora_rank=0",

@@ -1,22 +1,14 @@
 """benchmarks/convergence.py on a tiny budget: real training subprocesses, evaluation, table."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-from tiny import tiny_unet
+from tiny import load_benchmark, tiny_unet
 
 from diffalign.models.checkpoint import save_unet
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("convergence", ROOT / "benchmarks" / "convergence.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +17,7 @@ def tiny_model(tmp_path_factory):
 
 
 def test_convergence_tiny_budget(tmp_path, tiny_model, capsys):
-    bench = _load_benchmark()
+    bench = load_benchmark("convergence")
     tiny = [f"model={tiny_model}", "lora_rank=0", "epochs=2", "prompts_per_epoch=2", "group_size=2",
             "rollout.steps=2", "rollout.sde_window=null", "eval.num_images=4", "eval.steps=2", "eval.every=1",
             "grpo.minibatch_size=4", "threads=1"]
@@ -82,7 +74,7 @@ def test_convergence_tiny_budget(tmp_path, tiny_model, capsys):
 
 
 def test_hallucination_table_is_relative_to_base_and_renderer():
-    bench = _load_benchmark()
+    bench = load_benchmark("convergence")
     low = {f"lowlevel_{m}": v for m, v in zip(bench.LOWLEVEL, (0.06, 0.03, 0.09, 0.003), strict=True)}
     ren = {f"renderer_{m}": v for m, v in zip(bench.LOWLEVEL, (0.05, 0.02, 0.09, 0.001), strict=True)}
     base = {"eval_guidance": 4.5, "high_level_hallucination": 0.5, "ood_high_level_hallucination": 0.8,
@@ -103,7 +95,7 @@ def test_hallucination_table_is_relative_to_base_and_renderer():
 
 
 def test_convergence_reports_failed_runs(tmp_path):
-    bench = _load_benchmark()
+    bench = load_benchmark("convergence")
     result = bench.main(["--presets", "flow_grpo", "--seeds", "0", "--minutes", "1", "--set", "no_such_key=1",
                          "--eval-images", "2", "--out", str(tmp_path / "conv")])
     run = result["presets"]["flow_grpo"]["runs"][0]
@@ -115,7 +107,7 @@ def test_convergence_reports_failed_runs(tmp_path):
 
 def test_gather_base_row_uses_the_shipped_base(tmp_path):
     """--base with no model= override evaluates the shipped base checkpoint (and --gather trains nothing)."""
-    bench = _load_benchmark()
+    bench = load_benchmark("convergence")
     res = bench.main(["--presets", "flow_grpo", "--seeds", "0", "--gather", "--base", "--eval-images", "2",
                       "--images-per-prompt", "1", "--eval-steps", "2", "--out", str(tmp_path / "g")])
     assert res["not_run"] == ["flow_grpo-seed0"] and not (tmp_path / "g" / "flow_grpo-seed0").exists()
@@ -125,7 +117,7 @@ def test_gather_base_row_uses_the_shipped_base(tmp_path):
 
 
 def test_train_reward_column(tmp_path):
-    bench = _load_benchmark()
+    bench = load_benchmark("convergence")
     (tmp_path / "config.yaml").write_text("algorithm: sft\ndata: runs/prefs_shapes\n")
     assert bench._train_reward(tmp_path) == "pairs: prefs_shapes"
     (tmp_path / "config.yaml").write_text("algorithm: crd\nreward: shapes_score\n")

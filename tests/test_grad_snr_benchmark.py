@@ -1,28 +1,17 @@
 """benchmarks/grad_snr.py: the signal-fraction estimator on gradients with a known signal, and a
 tiny real run through the trainer's own rollout, reward, advantages and update."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_unet
+from tiny import load_benchmark, tiny_unet
 
 from diffalign.models.checkpoint import save_unet
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("grad_snr", ROOT / "benchmarks" / "grad_snr.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_signal_fraction_recovers_a_known_signal():
     """g_k = μ + n_k with |μ|² = 1 and E|n|² = 3: ρ = 1 / (1 + 3) = 0.25, images·(1−ρ)/ρ = 3·images."""
-    bench = _bench()
+    bench = load_benchmark("grad_snr")
     gen = torch.Generator().manual_seed(0)
     d, k = 40_000, 12
     mu = torch.randn(d, generator=gen, dtype=torch.float64)
@@ -37,7 +26,7 @@ def test_signal_fraction_recovers_a_known_signal():
 
 
 def test_zero_gradient_columns_and_batches_are_handled():
-    bench = _bench()
+    bench = load_benchmark("grad_snr")
     g = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [1.0, 0.0, 2.0]], dtype=torch.float64)
     out = bench.signal_stats(g, images=8)
     assert out["live_coordinates"] == 2 and out["coordinates"] == 3
@@ -45,7 +34,7 @@ def test_zero_gradient_columns_and_batches_are_handled():
 
 
 def test_tiny_real_run(tmp_path, capsys):
-    bench = _bench()
+    bench = load_benchmark("grad_snr")
     model = str(save_unet(tmp_path / "tiny.safetensors", tiny_unet(0), 32))
     out = bench.main(["--batches", "2", "--threads", "1", "--set", f"model={model}", "--set", "lora_rank=0",
                       "--set", "prompts_per_epoch=2", "--set", "group_size=4", "--set", "rollout.steps=2",

@@ -1,4 +1,7 @@
-"""Tiny randomly initialised models for fast tests."""
+"""Tiny randomly initialised models for fast tests, and other shared test helpers."""
+
+import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -36,3 +39,12 @@ def write_render_prefs(root, prompts: list[str], shard_size: int) -> str:
         for i, p in enumerate(prompts):
             w.add(p, winners[i], torch.rand(3, 32, 32, generator=g))
     return str(root)
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` imported as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -57,6 +57,7 @@ __all__ = [
     "resolve_sharding",
     "run_on_main",
     "shard_groups",
+    "true_on_any_rank",
 ]
 
 T = TypeVar("T")
@@ -296,13 +297,18 @@ def _buckets(tensors: Iterable[Tensor]) -> dict[tuple[torch.dtype, torch.device]
     return out
 
 
+def true_on_any_rank(flags: Sequence[bool]) -> list[int]:
+    """Indices of ``flags`` that are true on at least one rank (one all-reduce; collective)."""
+    has = torch.tensor(list(flags), dtype=torch.int32, device=get_world().comm_device)
+    dist.all_reduce(has)
+    return [i for i, h in enumerate(has.tolist()) if h]
+
+
 @torch.no_grad()
 def live_gradients(params: Sequence[torch.nn.Parameter]) -> list[int]:
     """Indices of the parameters that have a gradient on at least one rank (one all-reduce);
     those without one on this rank get a zero gradient, so every rank reduces the same tensors."""
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=get_world().comm_device)
-    dist.all_reduce(has)
-    live = [i for i, h in enumerate(has.tolist()) if h]
+    live = true_on_any_rank([p.grad is not None for p in params])
     for i in live:
         if params[i].grad is None:
             params[i].grad = torch.zeros_like(params[i])

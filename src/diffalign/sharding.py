@@ -51,6 +51,7 @@ from diffalign.distributed import (
     broadcast_parameters,
     get_world,
     live_gradients,
+    true_on_any_rank,
 )
 
 __all__ = ["BUCKET_MB", "SHARDING_MODES", "ShardedOptimizer", "make_optimizer", "partition_parameters",
@@ -197,11 +198,7 @@ class ShardedOptimizer:
     def _collect_owned_gradients(self) -> list[int]:
         """``sharding: gradients``: move the owned accumulators into ``.grad`` (averaged)."""
         world = self.world
-        has = torch.zeros(len(self.params), dtype=torch.int32, device=world.comm_device)
-        for i in self._seen:
-            has[i] = 1
-        dist.all_reduce(has)
-        live = [i for i, h in enumerate(has.tolist()) if h]
+        live = true_on_any_rank([i in self._seen for i in range(len(self.params))])
         for i in live:
             if self.owner[i] == world.rank:
                 p = self.params[i]

@@ -66,7 +66,7 @@ def load_run(path: str | Path) -> Run:
                              "'diffalign train' (or another training command).")
     if not (p / "metrics.jsonl").is_file():
         raise DiffalignError(f"run {p} has not logged anything yet (no metrics.jsonl); compare it once it has trained")
-    config = _with_defaults(p / "config.yaml", load_yaml(p / "config.yaml") or {})
+    config = _with_defaults(p / "config.yaml")
     rows = read_metrics(p / "metrics.jsonl")
     summary = json.loads((p / "summary.json").read_text()) if (p / "summary.json").is_file() else {}
     ev = None
@@ -77,7 +77,7 @@ def load_run(path: str | Path) -> Run:
     return Run(p, p.name, config, rows, summary, ev)
 
 
-def _with_defaults(path: Path, raw: dict) -> dict:
+def _with_defaults(path: Path) -> dict:
     """A run's saved config with the fields it predates filled in at their defaults.
 
     A run made before a config field existed (e.g. ``sharding``) then groups with a newer run
@@ -91,7 +91,7 @@ def _with_defaults(path: Path, raw: dict) -> dict:
         config_cls, _ = _train_classes(path, [])
         return config_to_dict(load_config(config_cls, path))
     except Exception:  # noqa: BLE001 - an old or foreign config is still comparable as written
-        return raw
+        return load_yaml(path) or {}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
