@@ -9,7 +9,7 @@ from tiny import tiny_policy
 from diffalign.errors import ConfigError
 from diffalign.models.tiny import TinyFlowPolicy
 from diffalign.sampling.rollout import RolloutConfig, Trajectory, recompute_step, rollout
-from diffalign.sampling.steps import ode_step
+from diffalign.sampling.steps import block_project, ode_step
 
 PROMPTS = ["a red circle"] * 3 + ["two blue squares"] * 3
 GROUPS = [0, 0, 0, 1, 1, 1]
@@ -105,10 +105,12 @@ def test_noise_level_zero_is_the_ode_sampler(policy):
     assert not bool(ode.sde_mask.any())
 
 
-@pytest.mark.parametrize("sampler", ["flow_sde", "dance_sde", "cps"])
-def test_recompute_gives_ratio_one_and_gradients(policy, sampler):
+@pytest.mark.parametrize(("sampler", "pool"), [("flow_sde", 1), ("dance_sde", 1), ("cps", 1), ("flow_sde", 4),
+                                             ("dance_sde", 8)])
+def test_recompute_gives_ratio_one_and_gradients(policy, sampler, pool):
     level = 0.3 if sampler == "dance_sde" else 0.7
-    traj = run(policy, sampler=sampler, noise_level=level, sde_window=(0, 3))
+    traj = run(policy, sampler=sampler, noise_level=level, sde_window=(0, 3), noise_pool=pool)
+    assert traj.noise_pool == pool
     b = len(PROMPTS)
     g = torch.Generator().manual_seed(0)
     steps = torch.stack([torch.randperm(STEPS, generator=g) for _ in range(b)])  # own order per sample
@@ -125,6 +127,24 @@ def test_recompute_gives_ratio_one_and_gradients(policy, sampler):
     assert all(gr is not None for gr in grads)
     assert any(float(gr.abs().sum()) > 0 for gr in grads)
     policy.zero_grad()
+
+
+def test_block_noise_rollout(policy):
+    """``noise_pool``: each SDE step's deviation from its mean is constant on pool × pool blocks,
+    the ODE steps are untouched, and noise level 0 is still the ODE sampler."""
+    traj = run(policy, noise_pool=4, sde_window=(0, 2))
+    iso = run(policy, sde_window=(0, 2))
+    assert torch.equal(traj.latents[:, 0], iso.latents[:, 0])  # same initial noise
+    assert not torch.allclose(traj.latents[:, 1], iso.latents[:, 1])
+    for k in range(2):
+        with torch.no_grad():
+            step, _, _ = recompute_step(policy, traj, torch.arange(len(PROMPTS)), torch.full((len(PROMPTS),), k))
+        resid = traj.latents[:, k + 1] - step.mean
+        assert float(resid.abs().max()) > 1e-3
+        assert torch.allclose(resid, block_project(resid, 4), atol=1e-5)
+    assert bool((traj.log_probs[:, 2:] == 0).all()) and bool((traj.log_probs[:, :2] != 0).all())
+    ode = run(policy, sampler="ode")
+    assert torch.equal(run(policy, noise_level=0.0, noise_pool=4).latents, ode.latents)
 
 
 def test_recompute_subset_matches(policy):
@@ -188,5 +208,11 @@ def test_config_and_input_errors(policy):
         RolloutConfig(steps=4, sde_window=(2, 6))
     with pytest.raises(ConfigError, match="init_noise"):
         RolloutConfig(init_noise="mixed")
+    with pytest.raises(ConfigError, match="flow_sde and dance_sde"):
+        RolloutConfig(sampler="cps", noise_pool=2)
+    with pytest.raises(ConfigError, match="noise_pool must be >= 1"):
+        RolloutConfig(noise_pool=0)
+    with pytest.raises(ConfigError, match="must divide the latent"):
+        rollout(policy, PROMPTS, GROUPS, RolloutConfig(steps=1, noise_pool=5), generator=torch.Generator())
     with pytest.raises(ValueError, match="group-contiguous"):
         rollout(policy, PROMPTS, [0, 1, 0, 1, 0, 1], RolloutConfig(steps=1), generator=torch.Generator())

@@ -185,8 +185,9 @@ def test_lora_training_moves_only_adapters_and_reference_stays_base(tmp_path, ti
         assert not torch.allclose(trainer.policy.predict(x, 0.5, cond), want)
 
 
-@pytest.mark.parametrize("sampler", ["flow_sde", "dance_sde", "ddim"])
-def test_update_first_inner_step_is_on_policy(sampler):
+@pytest.mark.parametrize(("sampler", "pool"), [("flow_sde", 1), ("dance_sde", 1), ("ddim", 1), ("flow_sde", 4),
+                                             ("dance_sde", 4)])
+def test_update_first_inner_step_is_on_policy(sampler, pool):
     from tiny import tiny_policy
 
     from diffalign.algorithms.flow_grpo import GRPO, GRPOConfig
@@ -195,7 +196,8 @@ def test_update_first_inner_step_is_on_policy(sampler):
     pol = tiny_policy(1)
     prompts = ["a red circle"] * 4 + ["a square"] * 4
     gids = torch.tensor([0] * 4 + [1] * 4)
-    traj = rollout(pol, prompts, gids, RolloutConfig(sampler=sampler, steps=3, noise_level=0.7 if sampler != "ddim" else 1.0),
+    traj = rollout(pol, prompts, gids, RolloutConfig(sampler=sampler, steps=3, noise_level=0.7 if sampler != "ddim" else 1.0,
+                                                               noise_pool=pool),
                    generator=torch.Generator().manual_seed(0))
     algo = GRPO(GRPOConfig(clip_range=1e-4, beta_kl=0.04))
     adv = torch.linspace(-1, 1, 8)

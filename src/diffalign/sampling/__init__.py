@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from diffalign.sampling.steps import (
     StepOutput,
+    block_coordinates,
+    block_noise_step,
+    block_project,
     cps_step,
     dance_sde_step,
     ddim_step,
@@ -17,6 +20,9 @@ from diffalign.sampling.steps import (
 
 __all__ = [
     "StepOutput",
+    "block_coordinates",
+    "block_noise_step",
+    "block_project",
     "cps_step",
     "dance_sde_step",
     "ddim_step",

@@ -33,6 +33,7 @@ from diffalign.errors import ConfigError
 from diffalign.models.epsilon_view import EpsilonView, ddim_timesteps, flow_sigma_from_alpha_bar
 from diffalign.sampling.steps import (
     StepOutput,
+    block_noise_step,
     cps_step,
     dance_sde_step,
     ddim_step,
@@ -75,6 +76,13 @@ class RolloutConfig:
     """Initial noise ``x_0``: one draw per image ("independent", coarse-grained exploration)
     or one draw per prompt group ("shared", fine-grained; DanceGRPO). ``rollout``'s
     ``shared_groups`` overrides it per group."""
+    noise_pool: int = 1
+    """Coarse SDE noise: draw the noise (and apply the SDE's score correction) only along images
+    constant on ``noise_pool × noise_pool`` pixel / latent blocks, per channel
+    (:func:`~diffalign.sampling.steps.block_noise_step`); the marginals stay the ODE's. 1 = the
+    published isotropic SDE. A larger pool leaves fewer noise directions (``C·H·W/pool²``), so the
+    policy gradient's noise shrinks while coarse (layout) exploration stays. flow_sde and
+    dance_sde only; must divide the latent height and width."""
     autocast_bf16: bool = False
     """Run model forwards under ``torch.autocast(<device type>, bfloat16)``; sampler math
     (means, stds, log-probs) stays float32."""
@@ -94,6 +102,13 @@ class RolloutConfig:
             raise ConfigError(f"init_noise must be 'independent' or 'shared'; got {self.init_noise!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1; got {self.batch_size}")
+        if self.noise_pool < 1:
+            raise ConfigError(f"noise_pool must be >= 1 (1 = isotropic SDE noise); got {self.noise_pool}")
+        if self.noise_pool > 1 and self.sampler not in ("flow_sde", "dance_sde"):
+            raise ConfigError(
+                f"noise_pool={self.noise_pool} (coarse SDE noise) applies to the flow_sde and dance_sde "
+                f"samplers only; got sampler={self.sampler!r}: set noise_pool=1"
+            )
         if self.sde_window is not None:
             start, end = self.sde_window
             if not 0 <= start < end <= self.steps:
@@ -153,6 +168,7 @@ class Trajectory:
     guidance_scale: float
     timesteps: Tensor | None = None
     alpha_bars: Tensor | None = None
+    noise_pool: int = 1
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -219,11 +235,12 @@ class _Schedule:
     sde_mask: Tensor  # (T,) bool
     timesteps: Tensor | None = None  # (T,) long, ddim
     alpha_bars: Tensor | None = None  # (T+1,), ddim
+    noise_pool: int = 1
 
     @staticmethod
     def from_trajectory(traj: Trajectory) -> _Schedule:
         return _Schedule(traj.sampler, traj.noise_level, traj.sigmas, traj.sde_mask, traj.timesteps,
-                         traj.alpha_bars)
+                         traj.alpha_bars, traj.noise_pool)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -254,7 +271,8 @@ def _model_for(policy: Any, sampler: str) -> Any:
 def _make_schedule(model: Any, config: RolloutConfig, device: torch.device) -> _Schedule:
     mask = config.sde_mask().to(device)
     if config.sampler != "ddim":
-        return _Schedule(config.sampler, config.noise_level, flow_sigmas(config.steps, config.shift).to(device), mask)
+        return _Schedule(config.sampler, config.noise_level, flow_sigmas(config.steps, config.shift).to(device), mask,
+                         noise_pool=config.noise_pool)
     ac = model.alphas_cumprod
     t, ab, _ = ddim_timesteps(config.steps, int(ac.shape[0]), alphas_cumprod=ac,
                               steps_offset=int(getattr(model, "steps_offset", 0)))
@@ -364,6 +382,7 @@ def _transition(sched: _Schedule, x: Tensor, out: Tensor, k: Tensor, *, noise: T
         step = dance_sde_step(x, out, sigma, sigma_next, level, **kw)
     else:
         step = cps_step(x, out, sigma, sigma_next, level, **kw)
+    step = block_noise_step(step, det, sched.noise_pool, **kw)
     return step if bool(stochastic.all()) else _merge(step, det, stochastic, prev_sample)
 
 
@@ -386,6 +405,9 @@ def _setup(policy: Any, prompts, group_ids, config: RolloutConfig, shared_groups
     device = _device(model)
     sched = _make_schedule(model, config, device)
     shape = tuple(model.latent_shape(model.image_size, model.image_size))
+    if shape[-1] % config.noise_pool or shape[-2] % config.noise_pool:
+        raise ConfigError(f"rollout.noise_pool={config.noise_pool} must divide the latent height and width "
+                          f"{tuple(shape[-2:])}: pick a divisor, or 1 for isotropic SDE noise")
     return prompts, gids, group_index, shared, model, device, sched, shape
 
 
@@ -443,6 +465,7 @@ def rollout(
         sigmas=sched.sigmas, sde_mask=sched.sde_mask, shared_noise=shared.to(device), images=images,
         sampler=config.sampler, noise_level=float(config.noise_level),
         guidance_scale=float(config.guidance_scale), timesteps=sched.timesteps, alpha_bars=sched.alpha_bars,
+        noise_pool=config.noise_pool,
     )
 
 

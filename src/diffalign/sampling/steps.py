@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -36,6 +37,9 @@ __all__ = [
     "flow_sde_step",
     "flow_sigmas",
     "gaussian_log_prob",
+    "block_coordinates",
+    "block_noise_step",
+    "block_project",
     "ode_step",
     "time_shift",
 ]
@@ -308,3 +312,69 @@ def ddim_step(
     std = eta_t * torch.sqrt(var.clamp_min(0))
     mean = torch.sqrt(ab_prev) * x0_hat + torch.sqrt((1 - ab_prev - std**2).clamp_min(0)) * eps
     return _finish(mean, std, noise, prev_sample)
+
+
+# --------------------------------------------------------------------------- coarse (block) noise
+
+
+def _check_pool(x: Tensor, pool: int) -> None:
+    if pool < 1:
+        raise ValueError(f"pool must be >= 1 (1 = the isotropic SDE); got {pool}")
+    if x.dim() != 4 or x.shape[-1] % pool or x.shape[-2] % pool:
+        raise ValueError(
+            f"block noise needs (B, C, H, W) states with H and W divisible by pool={pool}; got shape "
+            f"{tuple(x.shape)}: pick a pool that divides the latent size"
+        )
+
+
+def block_coordinates(t: Tensor, pool: int) -> Tensor:
+    """``Uᵀt``: orthonormal coordinates of ``t`` ``(B, C, H, W)`` on the images that are constant on
+    ``pool × pool`` blocks (per channel), shape ``(B, C, H/pool, W/pool)``: block mean × pool."""
+    _check_pool(t, pool)
+    return F.avg_pool2d(t, pool) * pool if pool > 1 else t
+
+
+def block_project(t: Tensor, pool: int) -> Tensor:
+    """``P t = U Uᵀ t``: the orthogonal projection of ``t`` onto block-constant images (each
+    ``pool × pool`` block replaced by its mean, per channel). ``pool = 1`` is the identity."""
+    _check_pool(t, pool)
+    if pool == 1:
+        return t
+    return F.interpolate(F.avg_pool2d(t, pool), scale_factor=pool, mode="nearest")
+
+
+def block_noise_step(step: StepOutput, ode_next: Tensor, pool: int, *, noise: Tensor | None = None,
+                     prev_sample: Tensor | None = None) -> StepOutput:
+    """Restrict an SDE step's randomness to coarse, block-constant directions.
+
+    ``step`` is a flow SDE step (``flow_sde_step`` / ``dance_sde_step``) from ``x`` and
+    ``ode_next = ode_step(x, v, σ, σ_next)`` the Euler ODE step from the same ``x``. Their
+    difference ``μ − x_ode`` is the SDE's score-correction drift ``½·s²·∇log p·dt``. With
+    ``P`` the projection onto images constant on ``pool × pool`` blocks (:func:`block_project`)::
+
+        μ_P = x_ode + P(μ − x_ode)
+        x'  = μ_P + s·P ε
+
+    i.e. the SDE ``dx = [v − ½ s_t² P ∇log p] dt + s_t P dW``, whose diffusion matrix
+    ``s_t² P`` is low-rank; by the Fokker–Planck equation it has the same marginals as the ODE,
+    exactly as the isotropic SDE (``pool = 1`` returns ``step`` unchanged). ``x'`` differs from
+    ``μ_P`` only along the ``k = C·H·W/pool²`` block directions, so the density lives there:
+    ``log_prob`` is the Gaussian log-density of ``u = Uᵀ(x' − μ_P)`` ~ ``N(0, s² I_k)``,
+    averaged over the ``k`` coordinates, constants kept (0 where ``s == 0``). The policy gradient
+    then carries noise in ``k`` instead of ``C·H·W`` directions.
+    """
+    if pool == 1:
+        return step
+    ode_next = _f32(ode_next)
+    mean = ode_next + block_project(step.mean - ode_next, pool)
+    if prev_sample is None:
+        eps = torch.randn_like(mean) if noise is None else _f32(noise)
+        prev_sample = mean + step.std * block_project(eps, pool)
+    else:
+        prev_sample = _f32(prev_sample)
+    std = step.std
+    if std.dim() == mean.dim() and std.shape[-2:] != (1, 1):  # a per-pixel std (constant on blocks)
+        std = F.avg_pool2d(std.expand_as(mean), pool)
+    coords_prev = block_coordinates(prev_sample.detach(), pool)
+    log_prob = gaussian_log_prob(coords_prev, block_coordinates(mean, pool), std)
+    return StepOutput(prev_sample=prev_sample, mean=mean, std=step.std, log_prob=log_prob)

@@ -313,7 +313,8 @@ def cat_trajectories(parts: list[Trajectory]) -> Trajectory:
            for name in ("group_ids", "latents", "log_probs", "x0_pred", "shared_noise", "images")}
     return Trajectory(prompts=[q for p in parts for q in p.prompts], sigmas=first.sigmas, sde_mask=first.sde_mask,
                       sampler=first.sampler, noise_level=first.noise_level, guidance_scale=first.guidance_scale,
-                      timesteps=first.timesteps, alpha_bars=first.alpha_bars, **cat)
+                      timesteps=first.timesteps, alpha_bars=first.alpha_bars,
+                      noise_pool=first.noise_pool, **cat)
 
 
 class Trainer:
