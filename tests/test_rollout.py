@@ -216,3 +216,28 @@ def test_config_and_input_errors(policy):
         rollout(policy, PROMPTS, GROUPS, RolloutConfig(steps=1, noise_pool=5), generator=torch.Generator())
     with pytest.raises(ValueError, match="group-contiguous"):
         rollout(policy, PROMPTS, [0, 1, 0, 1, 0, 1], RolloutConfig(steps=1), generator=torch.Generator())
+
+
+def test_antithetic_noise_mirrors_pairs_within_groups():
+    from diffalign.sampling.rollout import _mirror
+
+    noise = torch.randn(7, 2)
+    out = _mirror(noise, torch.tensor([0, 0, 0, 1, 1, 1, 1]))
+    # group 0: members 0,1 mirrored, 2 unpaired; group 1: (3,4), (5,6) mirrored
+    assert torch.equal(out[[0, 2, 3, 5]], noise[[0, 2, 3, 5]])
+    assert torch.equal(out[1], -noise[0]) and torch.equal(out[4], -noise[3]) and torch.equal(out[6], -noise[5])
+
+
+def test_antithetic_rollout_pairs_share_noise_with_opposite_sign(policy):
+    """With shared initial noise and one SDE step, each pair's first transition deviates from its
+    (common) mean by opposite amounts; the other draws are unchanged."""
+    traj = run(policy, antithetic=True, init_noise="shared", sde_window=(0, 1), noise_pool=2)
+    plain = run(policy, init_noise="shared", sde_window=(0, 1), noise_pool=2)
+    with torch.no_grad():
+        step, _, _ = recompute_step(policy, traj, torch.arange(6), torch.zeros(6, dtype=torch.long))
+    dev = traj.latents[:, 1] - step.mean
+    assert float(dev[0].abs().max()) > 1e-3
+    torch.testing.assert_close(dev[1], -dev[0])
+    torch.testing.assert_close(dev[4], -dev[3])
+    torch.testing.assert_close(traj.latents[[0, 2, 3, 5], 1], plain.latents[[0, 2, 3, 5], 1])
+    assert not torch.allclose(traj.latents[1, 1], plain.latents[1, 1])

@@ -83,6 +83,11 @@ class RolloutConfig:
     published isotropic SDE. A larger pool leaves fewer noise directions (``C·H·W/pool²``), so the
     policy gradient's noise shrinks while coarse (layout) exploration stays. flow_sde and
     dance_sde only; must divide the latent height and width."""
+    antithetic: bool = False
+    """Mirrored SDE noise within each group: members 2j and 2j+1 of a group draw ``ε`` and ``−ε``
+    at every step (an odd group's last member keeps its own draw). Each sample is still drawn
+    from the policy, so the policy gradient stays unbiased; with the group-mean baseline a pair
+    contributes ``(A⁺ − A⁻)·ε``, which cancels the part of the reward that is even in the noise."""
     autocast_bf16: bool = False
     """Run model forwards under ``torch.autocast(<device type>, bfloat16)``; sampler math
     (means, stds, log-probs) stays float32."""
@@ -321,6 +326,20 @@ def _initial_noise(shape: tuple[int, ...], group_index: Tensor, shared: Tensor, 
     return torch.where(use_group, per_group[gi], per_sample)
 
 
+def _mirror(noise: Tensor, group_index: Tensor) -> Tensor:
+    """Antithetic pairs within each (contiguous) group: odd members take minus the previous draw."""
+    gi = group_index.to(noise.device)
+    start = torch.zeros_like(gi)
+    if len(gi) > 1:
+        new = torch.cat([torch.ones(1, dtype=torch.bool, device=gi.device), gi[1:] != gi[:-1]])
+        first = torch.where(new, torch.arange(len(gi), device=gi.device), torch.zeros_like(gi))
+        start = torch.cummax(first, dim=0).values
+    odd = ((torch.arange(len(gi), device=gi.device) - start) % 2 == 1).nonzero().flatten()
+    out = noise.clone()
+    out[odd] = -noise[odd - 1]
+    return out
+
+
 def _per_sample(t: Tensor, x: Tensor) -> Tensor:
     """``(B,)`` → ``(B, 1, …, 1)`` broadcastable to ``x``."""
     return t.reshape(-1, *([1] * (x.dim() - 1)))
@@ -450,6 +469,8 @@ def rollout(
     conds = [model.encode(prompts[c]) for c in chunks]
     for k in range(steps):
         noise = _randn((b, *shape), generator, device)
+        if config.antithetic:
+            noise = _mirror(noise, group_index)
         ks = torch.full((b,), k, dtype=torch.long, device=device)
         out = torch.cat([
             _model_output(model, sched, x[c], ks[c], cond, config.guidance_scale, config.autocast_bf16)
