@@ -329,12 +329,9 @@ def _initial_noise(shape: tuple[int, ...], group_index: Tensor, shared: Tensor, 
 def _mirror(noise: Tensor, group_index: Tensor) -> Tensor:
     """Antithetic pairs within each (contiguous) group: odd members take minus the previous draw."""
     gi = group_index.to(noise.device)
-    start = torch.zeros_like(gi)
-    if len(gi) > 1:
-        new = torch.cat([torch.ones(1, dtype=torch.bool, device=gi.device), gi[1:] != gi[:-1]])
-        first = torch.where(new, torch.arange(len(gi), device=gi.device), torch.zeros_like(gi))
-        start = torch.cummax(first, dim=0).values
-    odd = ((torch.arange(len(gi), device=gi.device) - start) % 2 == 1).nonzero().flatten()
+    pos = torch.arange(len(gi), device=gi.device)
+    first = torch.full((int(gi.max()) + 1,), len(gi), device=gi.device).scatter_reduce(0, gi, pos, "amin")
+    odd = ((pos - first[gi]) % 2 == 1).nonzero().flatten()
     out = noise.clone()
     out[odd] = -noise[odd - 1]
     return out

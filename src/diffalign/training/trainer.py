@@ -13,7 +13,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -311,10 +311,8 @@ def cat_trajectories(parts: list[Trajectory]) -> Trajectory:
     first = parts[0]
     cat = {name: torch.cat([getattr(p, name) for p in parts])
            for name in ("group_ids", "latents", "log_probs", "x0_pred", "shared_noise", "images")}
-    return Trajectory(prompts=[q for p in parts for q in p.prompts], sigmas=first.sigmas, sde_mask=first.sde_mask,
-                      sampler=first.sampler, noise_level=first.noise_level, guidance_scale=first.guidance_scale,
-                      timesteps=first.timesteps, alpha_bars=first.alpha_bars,
-                      noise_pool=first.noise_pool, **cat)
+    # per-sample tensors concatenated; the schedule and sampler settings are the first part's
+    return replace(first, prompts=[q for p in parts for q in p.prompts], **cat)
 
 
 class Trainer:
