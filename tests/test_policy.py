@@ -126,3 +126,20 @@ def test_tiny_policy_satisfies_the_policy_protocol():
     pol = make()
     assert isinstance(pol, Policy) and pol.prediction == "flow"
     assert EpsilonView(pol).prediction == "epsilon"
+
+
+def test_lora_targets_choose_the_adapted_layers_through_build_policy(tmp_path):
+    from diffalign.models.factory import ModelOptions, build_policy
+
+    path = tiny_policy(0).save(tmp_path / "base.safetensors")
+    default = build_policy("tiny", path, lora_rank=4)
+    attn = build_policy("tiny", path, lora_rank=4, options=ModelOptions(lora_targets=["q", "kv", "out"]))
+    names = [n for n, p in attn.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    # only attention projections carry adapters: no conv or FiLM LoRA
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names} == {"q", "kv", "out"}
+    n_default = sum(p.numel() for p in default.trainable_parameters())
+    n_attn = sum(p.numel() for p in attn.trainable_parameters())
+    assert 0 < n_attn < n_default
+    with pytest.raises(ConfigError, match=r"match no layer of the ShapesWorld UNet.*layer names end with: .*conv1"):
+        build_policy("tiny", path, lora_rank=4, options=ModelOptions(lora_targets=["to_q"]))

@@ -22,7 +22,8 @@ FAMILIES = ("tiny", "sd3", "flux", "sd15")
 
 @dataclass
 class ModelOptions:
-    """Settings of the diffusers adapters (sd3, flux, sd15); ignored by the tiny model."""
+    """Settings of the diffusers adapters (sd3, flux, sd15); the tiny ShapesWorld model reads
+    only ``lora_targets``."""
 
     dtype: str = "bfloat16"
     """Weight dtype of the denoiser and text encoders: bfloat16, float16 or float32. LoRA
@@ -33,7 +34,8 @@ class ModelOptions:
     lora_targets: list[str] = field(default_factory=list)
     """LoRA target modules (peft name suffixes, e.g. attn.to_q); empty = the family's default
     (SD3: Flow-GRPO's eight joint-attention projections; FLUX: the same in double and single
-    blocks; SD1.5: to_q, to_k, to_v, to_out.0)."""
+    blocks; SD1.5: to_q, to_k, to_v, to_out.0; tiny: q, kv, out, conv1, conv2, emb — attention
+    projections, residual-block convs and their timestep/text FiLM)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input."""
     gradient_checkpointing: bool = False
@@ -85,7 +87,8 @@ def build_policy(family: str, path: str | Path | None = None, *, image_size: int
     if family == "tiny":
         from diffalign.models.tiny import TinyFlowPolicy
 
-        policy = TinyFlowPolicy.from_checkpoint(path, lora_rank=lora_rank, lora_alpha=lora_alpha)
+        targets = {"lora_targets": tuple(options.lora_targets)} if options and options.lora_targets else {}
+        policy = TinyFlowPolicy.from_checkpoint(path, lora_rank=lora_rank, lora_alpha=lora_alpha, **targets)
         if image_size is not None and image_size != policy.image_size:
             raise ConfigError(f"the tiny model generates {policy.image_size}px images; got image_size={image_size}")
         return policy

@@ -49,7 +49,14 @@ class TinyFlowPolicy(ParameterSets, nn.Module):
 
             cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=list(lora_targets),
                              lora_dropout=0.0, init_lora_weights=True)
-            unet = inject_adapter_in_model(cfg, unet)
+            try:
+                unet = inject_adapter_in_model(cfg, unet)
+            except ValueError as e:
+                layers = sorted({n.split(".")[-1] for n, m in unet.named_modules()
+                                 if isinstance(m, (nn.Linear, nn.Conv2d))})
+                raise ConfigError(f"LoRA target modules {list(lora_targets)} match no layer of the ShapesWorld "
+                                  f"UNet ({e}); its layer names end with: {', '.join(layers)} (default: "
+                                  f"{', '.join(DEFAULT_LORA_TARGETS)})") from e
             for n, p in unet.named_parameters():
                 p.requires_grad_("lora_" in n)
             self._base_params = None
