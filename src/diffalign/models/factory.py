@@ -85,10 +85,10 @@ def build_policy(family: str, path: str | Path | None = None, *, image_size: int
     if family not in FAMILIES:
         raise ConfigError(f"unknown model_family {family!r}; available: {', '.join(FAMILIES)}")
     if family == "tiny":
-        from diffalign.models.tiny import TinyFlowPolicy
+        from diffalign.models.tiny import DEFAULT_LORA_TARGETS, TinyFlowPolicy
 
-        targets = {"lora_targets": tuple(options.lora_targets)} if options and options.lora_targets else {}
-        policy = TinyFlowPolicy.from_checkpoint(path, lora_rank=lora_rank, lora_alpha=lora_alpha, **targets)
+        targets = tuple(options.lora_targets) if options and options.lora_targets else DEFAULT_LORA_TARGETS
+        policy = TinyFlowPolicy.from_checkpoint(path, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=targets)
         if image_size is not None and image_size != policy.image_size:
             raise ConfigError(f"the tiny model generates {policy.image_size}px images; got image_size={image_size}")
         return policy
