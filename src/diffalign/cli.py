@@ -383,6 +383,9 @@ def _add_data_commands(data_sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from diffalign.runtime import keep_freed_memory
+
+    keep_freed_memory()  # large activations reuse heap memory instead of page-faulting (docs/benchmarks.md)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (argparse stops positionals at the first option)
