@@ -89,6 +89,45 @@ def test_lora_merge_save_and_reload_reproduces_predictions(tmp_path):
         torch.testing.assert_close(again.predict(x, 0.6, cond, guidance_scale=3.0), want, atol=1e-5, rtol=1e-4)
 
 
+def test_sampling_weights_run_merged_lora_only_for_gradient_free_adapted_forwards():
+    pol = make(lora_rank=4)
+    with torch.no_grad():
+        for p in pol.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+        pol.save_snapshot("old")
+        for p in pol.trainable_parameters():
+            p.mul_(2)
+    x, cond = torch.randn(4, 3, 32, 32), pol.encode(["a circle", "a blue square", "two triangles", "a red square"])
+
+    def v():
+        return pol.predict(x, 0.6, cond, guidance_scale=3.0)
+
+    with torch.no_grad():
+        adapted, base = v(), None
+        with pol.reference():
+            base = v()
+        with pol.use_snapshot("old"):
+            old = v()
+    with pol.sampling_weights():
+        assert pol._merged is not None and not any(p.requires_grad for p in pol._merged.parameters())
+        with torch.no_grad():
+            fast = v()
+            with pol.reference():
+                fast_base = v()
+            with pol.use_snapshot("old"):
+                fast_old = v()
+        pol.zero_grad()
+        v().square().mean().backward()  # with gradients: the adapted UNet, so LoRA weights get them
+        assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in pol.trainable_parameters())
+        pol.zero_grad()
+    assert pol._merged is None
+    assert float((adapted - base).abs().max()) > 1e-2  # the adapters matter
+    torch.testing.assert_close(fast, adapted, atol=1e-5, rtol=1e-5)  # merged: same function
+    assert torch.equal(fast_base, base) and torch.equal(fast_old, old)  # not merged: the usual path
+    with make().sampling_weights():  # full fine-tuning: nothing to merge
+        pass
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_unet(tmp_path / "missing.safetensors")

@@ -129,6 +129,24 @@ def test_recompute_gives_ratio_one_and_gradients(policy, sampler, pool):
     policy.zero_grad()
 
 
+def test_rollout_with_merged_lora_weights_rescored_by_the_adapted_model_has_ratio_one():
+    """Rollouts sample with the LoRA deltas merged into the weights (``sampling_weights``); the
+    update re-scores with the adapted UNet and gradients: the on-policy ratio is still 1."""
+    lora = tiny_policy(lora_rank=4)
+    with torch.no_grad():
+        for p in lora.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    traj = run(lora, sde_window=(0, 3))
+    b = len(PROMPTS)
+    for k in range(3):
+        out, _, _ = recompute_step(lora, traj, torch.arange(b), torch.full((b,), k))
+        assert out.log_prob.requires_grad
+        assert float((torch.exp(out.log_prob.detach() - traj.log_probs[:, k]) - 1).abs().max()) < 1e-6
+    with torch.no_grad(), lora.reference():  # and the adapters do change the samples
+        base = run(lora, sde_window=(0, 3))
+    assert float((base.latents[:, -1] - traj.latents[:, -1]).abs().max()) > 1e-3
+
+
 def test_block_noise_rollout(policy):
     """``noise_pool``: each SDE step's deviation from its mean is constant on pool × pool blocks,
     the ODE steps are untouched, and noise level 0 is still the ODE sampler."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -34,3 +34,12 @@ class Policy(Protocol):
     def save_snapshot(self, name: str) -> None: ...
 
     def trainable_parameters(self) -> list: ...
+
+
+def sampling_weights(policy: Any) -> AbstractContextManager:
+    """The policy's optional ``sampling_weights()`` context — a faster, numerically equivalent
+    set of weights for gradient-free forwards, e.g. LoRA merged into the base weights
+    (:meth:`~diffalign.models.tiny.TinyFlowPolicy.sampling_weights`) — or a no-op for a policy
+    without one. Samplers enter it around a whole rollout."""
+    enter = getattr(policy, "sampling_weights", None)
+    return enter() if callable(enter) else nullcontext()

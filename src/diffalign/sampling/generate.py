@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from diffalign.models.base import sampling_weights
 from diffalign.sampling.steps import flow_sigmas, ode_step
 
 
@@ -28,14 +29,15 @@ def generate(policy, prompts: list[str], seeds: list[int], *, steps: int = 20, c
     shape = policy.latent_shape(size, size)
     sigmas = flow_sigmas(steps, shift)
     out = []
-    for i in range(0, len(prompts), batch_size):
-        p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
-        cond = policy.encode(p)
-        x = initial_noise(shape, s)
-        for k in range(steps):
-            v = policy.predict(x, sigmas[k], cond, guidance_scale=cfg)
-            x = ode_step(x, v, sigmas[k], sigmas[k + 1])
-        out.append(policy.decode(x))
-        if progress is not None:
-            progress(len(p))
+    with sampling_weights(policy):
+        for i in range(0, len(prompts), batch_size):
+            p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
+            cond = policy.encode(p)
+            x = initial_noise(shape, s)
+            for k in range(steps):
+                v = policy.predict(x, sigmas[k], cond, guidance_scale=cfg)
+                x = ode_step(x, v, sigmas[k], sigmas[k + 1])
+            out.append(policy.decode(x))
+            if progress is not None:
+                progress(len(p))
     return torch.cat(out)
