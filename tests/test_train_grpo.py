@@ -137,6 +137,13 @@ def test_summary_written(tmp_path, tiny_model):
     Trainer(_cfg(tiny_model, "epochs=2"), run).train()
     s = json.loads((run / "summary.json").read_text())
     assert {"base_score", "final_score", "train_time_s"} <= set(s)
+    # each epoch's training time splits into its sampling (+ scoring) and update phases
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "reward" in r]
+    previous = 0.0
+    for r in rows:
+        assert r["time/sample_s"] > 0 and r["time/update_s"] > 0
+        assert r["time/sample_s"] + r["time/update_s"] == pytest.approx(r["train_time_s"] - previous, abs=0.05)
+        previous = r["train_time_s"]
 
 
 def test_consistent_rft_with_both_parts_off_equals_flow_grpo_bit_for_bit(tmp_path, tiny_model):

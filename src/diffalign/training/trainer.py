@@ -489,6 +489,7 @@ class Trainer:
                 except Exception as e:  # raised on every rank below, so none waits at a collective
                     error = e
                 raise_if_any_failed(error)
+                t_sampled = time.perf_counter()
                 # statistics over the whole epoch: every rank's rewards, in the single-process order
                 rewards_all = all_gather_tensor(rewards.cpu())
                 details = {k: all_gather_tensor(v.cpu()) for k, v in details.items()}
@@ -509,9 +510,11 @@ class Trainer:
                 check_in_sync(self.policy.trainable_parameters())
                 if cfg.ema_decay > 0:
                     self.policy.ema_snapshot("ema", cfg.ema_decay)
-                self.train_time += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                self.train_time += t1 - t0
                 done = epoch + 1
                 row = {"reward": float(rewards_all.mean()), "train_time_s": self.train_time, "lr": epoch_lr(cfg, epoch),
+                       "time/sample_s": t_sampled - t0, "time/update_s": t1 - t_sampled,
                        "dgr/coarse_fraction": float((~shared_all).float().mean()), **adv_metrics,
                        **{f"reward/{k}": float(v.mean()) for k, v in details.items()}, **metrics}
                 if task_probs is not None:
