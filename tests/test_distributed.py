@@ -133,9 +133,9 @@ def test_sharded_optimizer_state_gives_the_replicated_run_bit_for_bit(runs, algo
         got = _load(runs, f"dist/{algo}_optimizer_rank{r}.pt")["params"]
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     a, b = (runs["root"] / "dist" / f"{name}_run" for name in (algo, f"{algo}_optimizer"))
-    strip = ("wall_time", "train_time_s")
-    assert [{k: v for k, v in row.items() if k not in strip} for row in _metrics(a)] == \
-        [{k: v for k, v in row.items() if k not in strip} for row in _metrics(b)]
+    clock = ("wall_time", "train_time_s", "time/sample_s", "time/update_s")  # timings differ run to run
+    assert [{k: v for k, v in row.items() if k not in clock} for row in _metrics(a)] == \
+        [{k: v for k, v in row.items() if k not in clock} for row in _metrics(b)]
     sa, sb = load_checkpoint(RunDir(a))["optimizer"], load_checkpoint(RunDir(b))["optimizer"]
     assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
     assert len(sa["state"]) == len(want)  # every parameter's AdamW state, gathered from both shards
