@@ -110,6 +110,7 @@ def test_sampling_weights_run_merged_lora_only_for_gradient_free_adapted_forward
             old = v()
     with pol.sampling_weights():
         assert pol._merged is not None and not any(p.requires_grad for p in pol._merged.parameters())
+        assert not any(n.startswith("_merged") for n in pol.state_dict())  # not a submodule
         with torch.no_grad():
             fast = v()
             with pol.reference():

@@ -129,7 +129,7 @@ class TinyFlowPolicy(ParameterSets, nn.Module):
         """Within: forwards without gradients, adapters on and no snapshot swapped in run a
         plain UNet with the LoRA deltas merged into its weights: the same function (to float
         rounding, ~1e-6 relative) at the cost of the base model, one convolution per layer
-        instead of three (rollouts ~15 % faster). Every other forward — with gradients, under
+        instead of three (rollouts ~1.4× faster, benchmarks/rollout.py). Every other forward — with gradients, under
         :meth:`reference`, under :meth:`use_snapshot` — runs the adapted UNet as usual.
         :func:`~diffalign.sampling.rollout.rollout` and ``generate`` enter it; the weights
         must not change inside (sampling does not change them). A no-op without LoRA."""
@@ -139,11 +139,13 @@ class TinyFlowPolicy(ParameterSets, nn.Module):
         ref = next(self.unet.parameters())
         merged = self._plain_unet().to(device=ref.device, dtype=ref.dtype)
         merged.load_state_dict(self.merged_state_dict())
-        self._merged = merged.requires_grad_(False).eval()
+        # a plain attribute, not a registered submodule: the copy is not part of the policy's
+        # parameters or state dict
+        object.__setattr__(self, "_merged", merged.requires_grad_(False).eval())
         try:
             yield
         finally:
-            self._merged = None
+            object.__setattr__(self, "_merged", None)
 
     def _adapters_on(self) -> bool:
         from peft.tuners.tuners_utils import BaseTunerLayer

@@ -161,7 +161,7 @@ class FlowUNet(nn.Module):
         emb = self.sigma_mlp(sigma_embedding(sigma, cfg.emb_dim).to(x.dtype)) + self.text_mlp(pooled.to(x.dtype))
         tokens = tokens.to(x.dtype)
         # channels-last activations: oneDNN's convolutions skip a layout reorder per call
-        # (~1.4× faster forwards on CPU, benchmarks/rollout.py); the weights keep their layout
+        # (1.3-1.5× faster forwards on a 2-core CPU, docs/benchmarks.md); the weights keep their layout
         h = self.conv_in(x.contiguous(memory_format=torch.channels_last))
         hs = [h]
         i = 0
