@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -43,3 +45,15 @@ def sampling_weights(policy: Any) -> AbstractContextManager:
     without one. Samplers enter it around a whole rollout."""
     enter = getattr(policy, "sampling_weights", None)
     return enter() if callable(enter) else nullcontext()
+
+
+def with_sampling_weights(sampler: Callable) -> Callable:
+    """Decorator for a sampling function whose first argument is the policy: the whole call
+    runs inside :func:`sampling_weights`."""
+
+    @functools.wraps(sampler)
+    def wrapped(policy: Any, *args: Any, **kwargs: Any) -> Any:
+        with sampling_weights(policy):
+            return sampler(policy, *args, **kwargs)
+
+    return wrapped

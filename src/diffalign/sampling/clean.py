@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffalign.models.base import sampling_weights
+from diffalign.models.base import with_sampling_weights
 from diffalign.sampling.rollout import (
     IndexLike,
     RolloutConfig,
@@ -84,6 +84,7 @@ class CleanSamples:
 
 
 @torch.no_grad()
+@with_sampling_weights
 def sample_clean(
     policy: Any,
     prompts: Sequence[str],
@@ -106,18 +107,17 @@ def sample_clean(
         policy, prompts, group_ids, config, shared_groups)
     b = len(prompts)
 
-    with sampling_weights(policy):
-        x = _initial_noise(shape, group_index, shared, generator, device)
-        chunks = _chunks(b, config.batch_size)
-        conds = [model.encode(prompts[c]) for c in chunks]
-        for k in range(config.steps):
-            noise = _randn((b, *shape), generator, device)
-            ks = torch.full((b,), k, dtype=torch.long, device=device)
-            out = torch.cat([
-                _model_output(model, sched, x[c], ks[c], cond, config.guidance_scale, config.autocast_bf16)
-                for c, cond in zip(chunks, conds, strict=True)
-            ])
-            x = _transition(sched, x, out, ks, noise=noise).prev_sample
+    x = _initial_noise(shape, group_index, shared, generator, device)
+    chunks = _chunks(b, config.batch_size)
+    conds = [model.encode(prompts[c]) for c in chunks]
+    for k in range(config.steps):
+        noise = _randn((b, *shape), generator, device)
+        ks = torch.full((b,), k, dtype=torch.long, device=device)
+        out = torch.cat([
+            _model_output(model, sched, x[c], ks[c], cond, config.guidance_scale, config.autocast_bf16)
+            for c, cond in zip(chunks, conds, strict=True)
+        ])
+        x = _transition(sched, x, out, ks, noise=noise).prev_sample
     images = torch.cat([policy.decode(x[c]).float() for c in chunks])
     return CleanSamples(prompts=prompts, group_ids=gids.to(device), latents=x, images=images,
                         shared_noise=shared.to(device), sampler=config.sampler,

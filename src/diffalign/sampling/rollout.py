@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from diffalign.errors import ConfigError
-from diffalign.models.base import sampling_weights
+from diffalign.models.base import with_sampling_weights
 from diffalign.models.epsilon_view import EpsilonView, ddim_timesteps, flow_sigma_from_alpha_bar
 from diffalign.sampling.steps import (
     StepOutput,
@@ -429,6 +429,7 @@ def _setup(policy: Any, prompts, group_ids, config: RolloutConfig, shared_groups
 
 
 @torch.no_grad()
+@with_sampling_weights
 def rollout(
     policy: Any,
     prompts: Sequence[str],
@@ -456,12 +457,6 @@ def rollout(
     """
     prompts, gids, group_index, shared, model, device, sched, shape = _setup(
         policy, prompts, group_ids, config, shared_groups)
-    with sampling_weights(policy):
-        return _sample(policy, model, prompts, gids, group_index, shared, device, sched, shape, config, generator)
-
-
-def _sample(policy, model, prompts, gids, group_index, shared, device, sched, shape, config: RolloutConfig,
-            generator: torch.Generator) -> Trajectory:
     b, steps = len(prompts), config.steps
 
     x = _initial_noise(shape, group_index, shared, generator, device)
