@@ -23,7 +23,7 @@ from diffalign.world import (
 )
 from diffalign.world.nearmiss import NEAR_MISS_KINDS, near_miss
 from diffalign.world.render import draw, layout
-from diffalign.world.verify import detect
+from diffalign.world.verify import Detection, detect, judge
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -175,3 +175,24 @@ def test_tensor_and_batch_interfaces_agree():
     assert imgs.shape == (12, 3, 32, 32) and imgs.dtype == torch.float32 and 0 <= imgs.min() and imgs.max() <= 1
     vb = verify_batch(imgs, ps)
     assert [v.score for v in vb] == [verify(imgs[i], ps[i]).score for i in range(12)] == [1.0] * 12
+
+
+def test_graded_credit_for_near_misses():
+    """graded: 1 on correct renders, between strict failure and success for each near miss."""
+    p = "a red circle to the left of a blue square"
+    assert verify(render(p, 5)[0], p).graded == pytest.approx(1.0, abs=0.01)
+    v = verify(near_miss(p, 5, "wrong_color"), p)  # one object mis-attributed: half its credit
+    assert v.partial < v.graded < 1 and v.misattributed == 1
+    v = verify(near_miss(p, 5, "extra_object"), p)  # no_extra earns 1/(1 + 1)
+    assert v.graded == pytest.approx((3 + 0.5) / 4, abs=0.01)
+    v = verify(near_miss(p, 5, "object_removed"), p)  # the relation loses its credit with the object
+    assert v.graded == pytest.approx(v.partial) == pytest.approx(2 / 4)
+    # the relation's credit grows with the offset along its axis and is ½ at the margin
+    a, b = Detection("red", "circle", 10.0, 16.0, 40, 0.8), Detection("blue", "square", 0.0, 16.0, 40, 1.0)
+    spec = parse_prompt(p)
+    credits = []
+    for bx in (4.0, 12.0, 14.0, 20.0):
+        v = judge(spec, [a, Detection("blue", "square", bx, 16.0, 40, 1.0)])
+        credits.append(v.graded * 4 - 3)  # the relation's share
+    assert credits[0] < 0.1 and credits[1] == pytest.approx(0.5) and credits[1] < credits[2] < credits[3] <= 1
+    assert judge(spec, [a, b]).score == 0.0

@@ -13,7 +13,8 @@ exact (colour and shape) matches first, then partial ones (same shape, wrong col
 reverse: *mis-attributed*); unmatched requests are *missing*; unmatched detections are
 *hallucinated*. Constraints: one per requested object (an exact match), ``no_extra`` (no
 hallucinated object), and for position prompts the relation between the two matched
-objects. ``score`` is 1 when every constraint holds, ``partial`` the fraction that holds.
+objects. ``score`` is 1 when every constraint holds, ``partial`` the fraction that holds,
+``graded`` a denser version of ``partial`` with credit for near misses (see :class:`Verdict`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ MAX_COLOR_DIST = 60.0
 MIN_AREA_32 = 12
 #: Minimum centroid offset on a relation's axis, in pixels at 32×32.
 RELATION_MARGIN = 2.0
+#: Width (pixels at 32×32) of the graded relation credit's sigmoid around the margin.
+RELATION_SOFTNESS = 2.0
 SQUARE_FILL, TRIANGLE_FILL = 0.9, 0.66
 _EIGHT = np.ones((3, 3), bool)
 
@@ -53,6 +56,12 @@ class Verdict:
 
     score: 1.0 when every constraint holds, else 0.0. partial: fraction of constraints held.
     constraints: name → held. hallucinated / missing / misattributed: object counts.
+    graded: a denser reward in [0, 1], close to ``partial`` where no constraint is near-missed:
+    the mean over the same constraints of a credit in [0, 1] each — a requested object 1 if
+    matched exactly, ½ if mis-attributed (right shape or right colour), 0 if missing;
+    ``no_extra`` ``1/(1 + hallucinated)``; a relation ``sigmoid((offset − margin)/RELATION_SOFTNESS)``
+    on the centroid offset of the two objects matched to it, times the smaller of their two
+    credits (0 when one is missing).
     """
 
     score: float
@@ -62,6 +71,7 @@ class Verdict:
     missing: int
     misattributed: int
     detections: list[Detection] = field(default_factory=list)
+    graded: float = 0.0
 
     def summary(self) -> str:
         failed = [k for k, v in self.constraints.items() if not v]
@@ -113,13 +123,18 @@ def detect(image_u8: np.ndarray) -> list[Detection]:
     return out
 
 
-def _relation_holds(a: Detection, b: Detection, relation: str, margin: float) -> bool:
+def _relation_offset(a: Detection, b: Detection, relation: str) -> float:
+    """Centroid offset of ``a`` from ``b`` along the relation's axis, positive when it holds."""
     return {
-        "left of": b.cx - a.cx > margin,
-        "right of": a.cx - b.cx > margin,
-        "above": b.cy - a.cy > margin,
-        "below": a.cy - b.cy > margin,
+        "left of": b.cx - a.cx,
+        "right of": a.cx - b.cx,
+        "above": b.cy - a.cy,
+        "below": a.cy - b.cy,
     }[relation]
+
+
+def _relation_holds(a: Detection, b: Detection, relation: str, margin: float) -> bool:
+    return _relation_offset(a, b, relation) > margin
 
 
 def _exact(req, det: Detection) -> bool:
@@ -144,12 +159,14 @@ def judge(spec: PromptSpec, detections: list[Detection], size: int = 32) -> Verd
                 free.remove(j)
                 break
     misattributed = 0
+    loose: dict[int, int] = {}  # mis-attributed request → detection
     for i in order:
         if i in match:
             continue
         for j in free:
             if _partial(reqs[i], detections[j]):
                 misattributed += 1
+                loose[i] = j
                 free.remove(j)
                 break
     missing = len(reqs) - len(match) - misattributed
@@ -163,6 +180,17 @@ def judge(spec: PromptSpec, detections: list[Detection], size: int = 32) -> Verd
         )
         constraints[f"relation:{spec.relation}"] = bool(ok)
     held = sum(constraints.values())
+    credit = [1.0 if i in match else 0.5 if i in loose else 0.0 for i in range(len(reqs))]
+    credit.append(1.0 / (1 + len(free)))
+    if spec.relation:
+        pair = [match.get(i, loose.get(i)) for i in (0, 1)]
+        if None in pair:
+            credit.append(0.0)
+        else:
+            margin, softness = RELATION_MARGIN * size / 32, RELATION_SOFTNESS * size / 32
+            off = _relation_offset(detections[pair[0]], detections[pair[1]], spec.relation)
+            held_by = min(credit[0], credit[1])  # a relation between mis-attributed objects counts half
+            credit.append(held_by * float(1 / (1 + np.exp(-(off - margin) / softness))))
     return Verdict(
         score=float(held == len(constraints)),
         partial=held / len(constraints),
@@ -171,6 +199,7 @@ def judge(spec: PromptSpec, detections: list[Detection], size: int = 32) -> Verd
         missing=missing,
         misattributed=misattributed,
         detections=detections,
+        graded=float(np.mean(credit)),
     )
 
 
