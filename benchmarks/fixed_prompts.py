@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> dict:
     from diffalign.cli import resolve_preset
     from diffalign.config import load_config
     from diffalign.evaluation.quick import verdict_stats
-    from diffalign.rewards import RewardOutput, register_reward
     from diffalign.runtime import keep_freed_memory
     from diffalign.sampling.rollout import rollout
     from diffalign.training.prompts import read_prompt_file
@@ -53,16 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffalign.world.verify import verify_batch
 
     keep_freed_memory()
-    extra = []
-    if args.reward == "brightness":
-        @register_reward("mean_brightness")
-        class _Brightness:
-            name = "mean_brightness"
-
-            def __call__(self, images, prompts, metadata):
-                return RewardOutput(images.float().mean(dim=(1, 2, 3)))
-
-        extra = ["reward=mean_brightness", "reward_kwargs={}"]
+    extra = ["reward=mean_brightness", "reward_kwargs={}"] if args.reward == "brightness" else []
     cfg = load_config(TrainConfig, resolve_preset(args.preset),
                       [f"prompt_file={args.prompts}", "eval.every=0", f"threads={args.threads}", *extra, *args.set])
     trainer = Trainer(cfg, args.out)

@@ -216,17 +216,6 @@ def test_update_first_inner_step_is_on_policy(sampler, pool):
     assert m["policy_loss"] == pytest.approx(-adv.mean().item(), abs=1e-6)
 
 
-@register_reward("test_brightness")
-class _Brightness:
-    """Mean pixel value (``sign=-1``: darkness): a smooth reward every image's noise moves."""
-
-    def __init__(self, sign: float = 1.0):
-        self.name, self.sign = "test_brightness", sign
-
-    def __call__(self, images, prompts, metadata):
-        return RewardOutput(self.sign * images.float().mean(dim=(1, 2, 3)))
-
-
 @pytest.mark.parametrize("sampler_args", [
     ["rollout.sampler=flow_sde", "rollout.noise_level=0.7"],
     ["rollout.sampler=dance_sde", "rollout.noise_level=1.0", "rollout.init_noise=shared"],
@@ -246,7 +235,7 @@ def test_policy_gradient_climbs_a_learnable_reward(tmp_path, tiny_model, sampler
     moved = {}
     for sign in (1, -1):
         trainer = Trainer(_cfg(tiny_model, *sampler_args, "epochs=6", "eval.every=0", "prompts_per_epoch=4",
-                               "grpo.minibatch_size=16", "reward=test_brightness", f"reward_kwargs={{sign: {sign}}}",
+                               "grpo.minibatch_size=16", "reward=mean_brightness", f"reward_kwargs={{sign: {sign}}}",
                                "grpo.beta_kl=0", "lr=3e-3"), tmp_path / f"s{sign}")
         trainer.train()
         moved[sign] = brightness(trainer.policy) - start

@@ -133,10 +133,6 @@ def _relation_offset(a: Detection, b: Detection, relation: str) -> float:
     }[relation]
 
 
-def _relation_holds(a: Detection, b: Detection, relation: str, margin: float) -> bool:
-    return _relation_offset(a, b, relation) > margin
-
-
 def _exact(req, det: Detection) -> bool:
     return det.shape == req.shape and (req.color is None or det.color == req.color)
 
@@ -174,23 +170,18 @@ def judge(spec: PromptSpec, detections: list[Detection], size: int = 32) -> Verd
     for i, r in enumerate(reqs):
         constraints[f"object{i}:{r.phrase()}"] = i in match
     constraints["no_extra"] = not free
-    if spec.relation:
-        ok = 0 in match and 1 in match and _relation_holds(
-            detections[match[0]], detections[match[1]], spec.relation, RELATION_MARGIN * size / 32
-        )
-        constraints[f"relation:{spec.relation}"] = bool(ok)
-    held = sum(constraints.values())
     credit = [1.0 if i in match else 0.5 if i in loose else 0.0 for i in range(len(reqs))]
     credit.append(1.0 / (1 + len(free)))
     if spec.relation:
         pair = [match.get(i, loose.get(i)) for i in (0, 1)]
-        if None in pair:
-            credit.append(0.0)
-        else:
-            margin, softness = RELATION_MARGIN * size / 32, RELATION_SOFTNESS * size / 32
-            off = _relation_offset(detections[pair[0]], detections[pair[1]], spec.relation)
-            held_by = min(credit[0], credit[1])  # a relation between mis-attributed objects counts half
-            credit.append(held_by * float(1 / (1 + np.exp(-(off - margin) / softness))))
+        off = None if None in pair else _relation_offset(detections[pair[0]], detections[pair[1]], spec.relation)
+        margin, softness = RELATION_MARGIN * size / 32, RELATION_SOFTNESS * size / 32
+        # strict: both objects matched exactly (then ``pair`` is that match) and beyond the margin
+        constraints[f"relation:{spec.relation}"] = bool(0 in match and 1 in match and off > margin)
+        # graded: a sigmoid around the margin; a relation between mis-attributed objects counts half
+        credit.append(0.0 if off is None else
+                      min(credit[0], credit[1]) * float(1 / (1 + np.exp(-(off - margin) / softness))))
+    held = sum(constraints.values())
     return Verdict(
         score=float(held == len(constraints)),
         partial=held / len(constraints),
