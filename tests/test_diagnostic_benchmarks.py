@@ -35,3 +35,36 @@ def test_sampler_gap_scores_every_target_and_sampler(tmp_path, tiny_model, capsy
     assert "| target | sampler | score |" in capsys.readouterr().out
     # each target is its own model: the shipped base draws shapes the verifier accepts, a random tiny model none
     assert out["results"][0]["score"] > 0.3 and out["results"][2]["score"] == 0.0
+
+
+def test_signal_steps_is_zero_without_noise_and_finds_signal_on_the_base(tmp_path):
+    """Rung 3: with noise level 0 no step can change a verdict (exactly); on the shipped base
+    with the preset's noise the first step changes far more than the last."""
+    import torch
+
+    from diffalign.models.tiny import TinyFlowPolicy
+    from diffalign.rewards import build_reward
+    from diffalign.sampling.rollout import RolloutConfig
+
+    bench = load_benchmark("signal_steps")
+    policy, reward = TinyFlowPolicy.from_checkpoint(), build_reward("shapes_verifier", mode="partial")
+    torch.set_num_threads(2)
+    quiet = bench.step_signal(policy, ["a square and a triangle"], RolloutConfig(steps=10, noise_level=0.0), reward,
+                              noises=2, resamples=3, steps=[0, 9])
+    assert [r["step"] for r in quiet] == [0, 9] and all(r["flip"] == 0 and r["reward_std"] == 0 for r in quiet)
+    noisy = bench.step_signal(policy, ["a square and a triangle"], RolloutConfig(steps=10, noise_level=0.7), reward,
+                              noises=6, resamples=4, steps=[0, 9])
+    assert noisy[0]["sigma"] == 1.0 and 0 <= noisy[1]["flip"] <= 1
+    assert noisy[0]["reward_std"] > noisy[1]["reward_std"] + 0.05, noisy  # measured 0.166 vs 0.009 (48 sets)
+
+
+def test_best_of_n_trains_on_passing_samples(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    out = load_benchmark("best_of_n").main([
+        "--prompts", str(prompts), "--iters", "2", "--every", "2", "--group", "8", "--images", "4",
+        "--threads", "2", "--sigma-min", "0.5", "--json", str(tmp_path / "b.json")])
+    rows = out["evaluations"]
+    assert [r["iter"] for r in rows] == [0, 2] and rows[1]["rollout_images"] == 16
+    assert 0 < rows[1]["kept_images"] <= 16  # the base draws a red circle most of the time
+    assert 0 <= rows[1]["rollout_pass_rate"] <= 1 and (tmp_path / "b.json").exists()

@@ -292,3 +292,14 @@ def test_training_with_a_multi_reward_and_per_reward_advantages(tmp_path):
         assert {"reward/size", "reward/verifier", "reward/verifier/partial"} <= set(r)
         assert math.isclose(r["reward"], r["reward/size"] + 2 * r["reward/verifier"], rel_tol=1e-5)
         assert r["policy_loss"] == r["policy_loss"]
+
+
+def test_prompt_brightness_signs_by_prompt_and_rejects_ambiguity():
+    r = build_reward("prompt_brightness", up=["red"], down=["blue"])
+    images = torch.full((3, 3, 4, 4), 0.25)
+    out = r(images, ["a red circle", "a blue square", "a green triangle"], [{}] * 3)
+    assert out.scores.tolist() == [0.25, -0.25, 0.0]
+    with pytest.raises(ConfigError, match="ambiguous"):
+        r(images[:1], ["a red circle and a blue square"], [{}])
+    with pytest.raises(ConfigError, match="disjoint"):
+        build_reward("prompt_brightness", up=["red"], down=["red"])

@@ -1,6 +1,6 @@
 """Rewards: protocol, registry and the built-in rewards."""
 
-from diffalign.rewards import brightness as _brightness  # noqa: F401  (registers mean_brightness)
+from diffalign.rewards import brightness as _brightness  # noqa: F401  (registers mean_brightness, prompt_brightness)
 from diffalign.rewards import clip as _clip  # noqa: F401  (registers pickscore, clipscore)
 from diffalign.rewards import jpeg as _jpeg  # noqa: F401  (registers the JPEG rewards)
 from diffalign.rewards import multi as _multi  # noqa: F401  (registers multi)

@@ -1,0 +1,132 @@
+"""Can the model represent the improvement? Online best-of-N fine-tuning on a few fixed prompts.
+
+Rung 2 of the RL-learning diagnosis (docs/results.md). Each iteration samples ``--group``
+images per prompt with the current policy (the preset's rollout sampler, fresh noise), keeps
+those the verifier passes (strict score 1), and takes ``--steps-per-iter`` flow-matching
+steps on them (the online form of ``sft``): ``σ ~ U(--sigma-min, 1)``, ``ε ~ N(0, I)``,
+``L = mean ‖v_θ(x_σ) − (ε − x0)‖²``. ``--sigma-min 0`` is plain online SFT; a higher value
+leaves out the low noise levels, where the model's own samples differ most from its
+training data (their residual pixel noise and edge artifacts, ../shared/FINDINGS.md).
+Every ``--every`` iterations it judges ``--images`` fresh images per prompt with the standard
+evaluation sampler (Euler ODE, 20 steps, CFG 4.5; the same seeds each time).
+
+    python benchmarks/best_of_n.py --prompts fixed4.txt --iters 30 --sigma-min 0.5
+
+Prints a line per evaluation and JSON (``--json`` writes it to a file too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def evaluate_fixed(policy, prompts: list[str], images: int, *, steps: int = 20, cfg: float = 4.5,
+                   seed: int = 10_000) -> dict:
+    """Strict / partial score of ``images`` ODE samples per prompt (seeds ``seed…``), and per prompt."""
+    from diffalign.sampling.generate import generate
+    from diffalign.world.verify import verify_batch
+
+    batch = [p for p in prompts for _ in range(images)]
+    verdicts = verify_batch(generate(policy, batch, [seed + i % images for i in range(len(batch))],
+                                     steps=steps, cfg=cfg), batch)
+    per = [sum(v.score for v in verdicts[i * images:(i + 1) * images]) / images for i in range(len(prompts))]
+    return {"score": sum(per) / len(per), "partial": sum(v.partial for v in verdicts) / len(verdicts),
+            "per_prompt_score": per}
+
+
+def best_of_n_step(policy, optimizer, x0: torch.Tensor, prompts: list[str], *, sigma_min: float,
+                   generator: torch.Generator) -> float:
+    """One flow-matching step on clean samples ``x0`` with ``σ ~ U(sigma_min, 1)``; returns the loss."""
+    n = len(x0)
+    sigma = sigma_min + (1 - sigma_min) * torch.rand(n, generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    s = sigma.view(-1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * eps
+    loss = (policy.predict(x_t, sigma, policy.encode(prompts)) - (eps - x0)).pow(2).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="flow_grpo", help="the policy (LoRA rank) and rollout sampler come from it")
+    ap.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--group", type=int, default=16, help="rollout images per prompt per iteration")
+    ap.add_argument("--steps-per-iter", type=int, default=2)
+    ap.add_argument("--sigma-min", type=float, default=0.0)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--images", type=int, default=32, help="evaluation images per prompt")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    args = ap.parse_args(argv)
+
+    from diffalign.cli import resolve_preset
+    from diffalign.config import load_config
+    from diffalign.models.factory import build_policy
+    from diffalign.runtime import keep_freed_memory
+    from diffalign.sampling.clean import sample_clean
+    from diffalign.training.prompts import read_prompt_file
+    from diffalign.training.trainer import TrainConfig
+    from diffalign.world.verify import verify_batch
+
+    keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cfg = load_config(TrainConfig, resolve_preset(args.preset), args.set)
+    policy = build_policy(cfg.model_family, cfg.model, image_size=cfg.image_size, lora_rank=cfg.lora_rank,
+                          lora_alpha=cfg.lora_alpha, options=cfg.model_options)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=0.0)
+    prompts = read_prompt_file(args.prompts)
+    gen = torch.Generator().manual_seed(args.seed)
+    batch = [p for p in prompts for _ in range(args.group)]
+    gids = torch.arange(len(prompts)).repeat_interleave(args.group)
+    rows, images, kept_total, t_train = [], 0, 0, 0.0
+
+    def evaluate(it: int, pass_rate: float | None) -> None:
+        policy.eval()
+        row = {"iter": it, "rollout_images": images, "kept_images": kept_total, "train_s": round(t_train, 1),
+               "rollout_pass_rate": pass_rate, **evaluate_fixed(policy, prompts, args.images)}
+        rows.append(row)
+        print(f"iter {it:3d}  images {images:5d}  kept {kept_total:5d}  score {row['score']:.3f}  "
+              f"partial {row['partial']:.3f}  per prompt " + " ".join(f"{x:.2f}" for x in row["per_prompt_score"]),
+              flush=True)
+
+    evaluate(0, None)
+    for it in range(1, args.iters + 1):
+        t0 = time.perf_counter()
+        policy.eval()
+        samples = sample_clean(policy, batch, gids, cfg.rollout, generator=gen)
+        passed = torch.tensor([v.score == 1.0 for v in verify_batch(samples.images, batch)])
+        images += len(batch)
+        kept_total += int(passed.sum())
+        if passed.any():
+            policy.train()
+            x0, kept = samples.latents[passed], [p for p, ok in zip(batch, passed.tolist(), strict=True) if ok]
+            for _ in range(args.steps_per_iter):
+                best_of_n_step(policy, optimizer, x0, kept, sigma_min=args.sigma_min, generator=gen)
+        t_train += time.perf_counter() - t0
+        if it % args.every == 0 or it == args.iters:
+            evaluate(it, float(passed.float().mean()))
+    out = {"preset": args.preset, "overrides": args.set, "prompts": prompts, "sigma_min": args.sigma_min,
+           "lr": args.lr, "group": args.group, "steps_per_iter": args.steps_per_iter, "eval_images": args.images,
+           "evaluations": rows}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
