@@ -18,10 +18,10 @@ Prints a line per evaluation and JSON (``--json`` writes it to a file too).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from _json_out import emit_json
 
 
 def evaluate_fixed(policy, prompts: list[str], images: int, *, steps: int = 20, cfg: float = 4.5,
@@ -121,11 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"preset": args.preset, "overrides": args.set, "prompts": prompts, "sigma_min": args.sigma_min,
            "lr": args.lr, "group": args.group, "steps_per_iter": args.steps_per_iter, "eval_images": args.images,
            "evaluations": rows}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+    return emit_json(out, args.json)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import time
 import urllib.request
 
 import torch
+from _json_out import emit_json
 
 from diffalign.rewards import build_reward
 from diffalign.rewards.remote import RemoteReward
@@ -157,11 +158,8 @@ def main() -> None:
     a = ap.parse_args()
     r = run(a.reward, json.loads(a.reward_kwargs), a.image_size, a.batch,
             tuple(int(c) for c in a.clients.split(",")), a.requests, a.batch_wait_ms)
-    print(json.dumps(r, indent=2))
+    emit_json(r, a.json)
     print(table(r))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(r, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ Prints a table and JSON; ``--json`` writes the JSON to a file too.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from _json_out import emit_json
 
 
 def step_signal(policy, prompts: list[str], rollout_cfg, reward, *, noises: int, resamples: int, seed: int = 0,
@@ -84,11 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
            "resamples": args.resamples, "noise_level": cfg.rollout.noise_level,
            "images": len(rows) * len(prompts) * args.noises * args.resamples,
            "seconds": round(time.perf_counter() - t0, 1), "steps": rows}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+    return emit_json(out, args.json)
 
 
 if __name__ == "__main__":

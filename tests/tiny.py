@@ -1,6 +1,7 @@
 """Tiny randomly initialised models for fast tests, and other shared test helpers."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -44,6 +45,8 @@ def write_render_prefs(root, prompts: list[str], shard_size: int) -> str:
 def load_benchmark(name: str):
     """The script ``benchmarks/<name>.py`` imported as a module (benchmarks/ is not a package)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    if str(path.parent) not in sys.path:  # their shared helpers (_json_out, _peak_rss), as when run as scripts
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
