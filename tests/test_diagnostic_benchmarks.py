@@ -6,6 +6,16 @@ from tiny import load_benchmark, tiny_unet
 from diffalign.models.checkpoint import save_unet
 
 
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """The benchmarks set torch's thread count; later tests compare float results across processes."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return str(save_unet(tmp_path_factory.mktemp("m") / "tiny.safetensors", tiny_unet(0), 32))
@@ -40,7 +50,6 @@ def test_sampler_gap_scores_every_target_and_sampler(tmp_path, tiny_model, capsy
 def test_signal_steps_is_zero_without_noise_and_finds_signal_on_the_base(tmp_path):
     """Rung 3: with noise level 0 no step can change a verdict (exactly); on the shipped base
     with the preset's noise the first step changes far more than the last."""
-    import torch
 
     from diffalign.models.tiny import TinyFlowPolicy
     from diffalign.rewards import build_reward
@@ -48,7 +57,6 @@ def test_signal_steps_is_zero_without_noise_and_finds_signal_on_the_base(tmp_pat
 
     bench = load_benchmark("signal_steps")
     policy, reward = TinyFlowPolicy.from_checkpoint(), build_reward("shapes_verifier", mode="partial")
-    torch.set_num_threads(2)
     quiet = bench.step_signal(policy, ["a square and a triangle"], RolloutConfig(steps=10, noise_level=0.0), reward,
                               noises=2, resamples=3, steps=[0, 9])
     assert [r["step"] for r in quiet] == [0, 9] and all(r["flip"] == 0 and r["reward_std"] == 0 for r in quiet)
