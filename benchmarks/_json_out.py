@@ -11,3 +11,24 @@ def emit_json(result: dict, path: str | None) -> dict:
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def merge_summary(path: str, key: str, value: dict) -> dict:
+    """Set ``key`` (``a/b`` for nesting) of the JSON object in ``path`` to ``value`` and write it
+    back (other keys are kept), so several benchmark runs fill one summary such as
+    ``docs/results/learning.json``. Returns the whole summary."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    summary = json.loads(p.read_text()) if p.exists() else {}
+    node = summary
+    *parents, leaf = key.split("/")
+    for k in parents:
+        node = node.setdefault(k, {})
+    node[leaf] = value
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, p)
+    return summary

@@ -7,10 +7,16 @@ steps on them (the online form of ``sft``): ``σ ~ U(--sigma-min, 1)``, ``ε ~ N
 ``L = mean ‖v_θ(x_σ) − (ε − x0)‖²``. ``--sigma-min 0`` is plain online SFT; a higher value
 leaves out the low noise levels, where the model's own samples differ most from its
 training data (their residual pixel noise and edge artifacts, ../shared/FINDINGS.md).
+``--snap`` trains on the passing samples with every pixel set to its nearest palette colour
+(the layout the verifier passed, without the pixel noise). ``--renders`` is the ceiling
+control: the same loop on fresh renderer images of the prompts (the pretraining data, all
+kept), i.e. how fast the model learns these prompts from perfect samples.
 Every ``--every`` iterations it judges ``--images`` fresh images per prompt with the standard
-evaluation sampler (Euler ODE, 20 steps, CFG 4.5; the same seeds each time).
+evaluation sampler (Euler ODE, 20 steps, CFG ``--eval-cfg``; the same seeds each time).
 
     python benchmarks/best_of_n.py --prompts fixed4.txt --iters 30 --sigma-min 0.5
+    python benchmarks/best_of_n.py --prompts fixed4.txt --iters 40 --lr 1e-3 --renders --eval-cfg 1 \
+        --set rollout.guidance_scale=1
 
 Prints a line per evaluation and JSON (``--json`` writes it to a file too).
 """
@@ -21,7 +27,7 @@ import argparse
 import time
 
 import torch
-from _json_out import emit_json
+from _json_out import emit_json, merge_summary
 
 
 def evaluate_fixed(policy, prompts: list[str], images: int, *, steps: int = 20, cfg: float = 4.5,
@@ -65,9 +71,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--images", type=int, default=32, help="evaluation images per prompt")
+    ap.add_argument("--eval-cfg", type=float, default=4.5, help="CFG weight of the evaluation sampler")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--snap", action="store_true",
+                    help="train on the passing samples snapped to the nearest palette colour (no pixel noise)")
+    ap.add_argument("--renders", action="store_true",
+                    help="control: train on fresh renderer images of the prompts instead of own passing samples")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--summary", default=None, help="summary JSON to update (e.g. docs/results/learning.json)")
+    ap.add_argument("--summary-key", default="best_of_n", help="key (a/b nests) of this run in --summary")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = ap.parse_args(argv)
 
@@ -78,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     from diffalign.sampling.clean import sample_clean
     from diffalign.training.prompts import read_prompt_file
     from diffalign.training.trainer import TrainConfig
-    from diffalign.world.verify import verify_batch
+    from diffalign.world.render import render_batch
+    from diffalign.world.verify import snap_to_palette, verify_batch
 
     keep_freed_memory()
     torch.set_num_threads(args.threads)
@@ -96,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     def evaluate(it: int, pass_rate: float | None) -> None:
         policy.eval()
         row = {"iter": it, "rollout_images": images, "kept_images": kept_total, "train_s": round(t_train, 1),
-               "rollout_pass_rate": pass_rate, **evaluate_fixed(policy, prompts, args.images)}
+               "rollout_pass_rate": pass_rate, **evaluate_fixed(policy, prompts, args.images, cfg=args.eval_cfg)}
         rows.append(row)
         print(f"iter {it:3d}  images {images:5d}  kept {kept_total:5d}  score {row['score']:.3f}  "
               f"partial {row['partial']:.3f}  per prompt " + " ".join(f"{x:.2f}" for x in row["per_prompt_score"]),
@@ -106,21 +120,37 @@ def main(argv: list[str] | None = None) -> dict:
     for it in range(1, args.iters + 1):
         t0 = time.perf_counter()
         policy.eval()
-        samples = sample_clean(policy, batch, gids, cfg.rollout, generator=gen)
-        passed = torch.tensor([v.score == 1.0 for v in verify_batch(samples.images, batch)])
+        if args.renders:
+            seeds = [it * len(batch) + i for i in range(len(batch))]
+            latents = policy.encode_images(render_batch(batch, seeds, policy.image_size))
+            passed = torch.ones(len(batch), dtype=torch.bool)
+        else:
+            samples = sample_clean(policy, batch, gids, cfg.rollout, generator=gen)
+            latents = samples.latents
+            passed = torch.tensor([v.score == 1.0 for v in verify_batch(samples.images, batch)])
         images += len(batch)
         kept_total += int(passed.sum())
         if passed.any():
             policy.train()
-            x0, kept = samples.latents[passed], [p for p, ok in zip(batch, passed.tolist(), strict=True) if ok]
+            x0, kept = latents[passed], [p for p, ok in zip(batch, passed.tolist(), strict=True) if ok]
+            if args.snap:
+                x0 = policy.encode_images(snap_to_palette(policy.decode(x0)))
             for _ in range(args.steps_per_iter):
                 best_of_n_step(policy, optimizer, x0, kept, sigma_min=args.sigma_min, generator=gen)
         t_train += time.perf_counter() - t0
         if it % args.every == 0 or it == args.iters:
             evaluate(it, float(passed.float().mean()))
     out = {"preset": args.preset, "overrides": args.set, "prompts": prompts, "sigma_min": args.sigma_min,
-           "lr": args.lr, "group": args.group, "steps_per_iter": args.steps_per_iter, "eval_images": args.images,
+           "lr": args.lr, "eval_cfg": args.eval_cfg, "renders": args.renders, "snap": args.snap, "group": args.group,
+           "steps_per_iter": args.steps_per_iter, "eval_images": args.images,
            "evaluations": rows}
+    if args.summary:
+        merge_summary(args.summary, args.summary_key, {
+            "data": "renders" if args.renders else "own passing samples" + (", snapped" if args.snap else ""),
+            "sigma_min": args.sigma_min, "lr": args.lr, "eval_cfg": args.eval_cfg, "overrides": args.set,
+            "base": rows[0]["score"], "final": rows[-1]["score"], "images": rows[-1]["rollout_images"],
+            "kept_images": rows[-1]["kept_images"], "eval_images_per_prompt": args.images,
+            "curve": [[r["rollout_images"], r["train_s"], r["score"]] for r in rows]})
     return emit_json(out, args.json)
 
 

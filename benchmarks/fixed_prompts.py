@@ -11,16 +11,19 @@ image's noise moves, a control that the loop itself climbs a learnable reward.
     python benchmarks/fixed_prompts.py --preset flow_grpo --prompts p.txt --epochs 20 --every 5 \
         --out runs/fixed --set prompts_per_epoch=8
 
-Prints a line per evaluation and JSON at the end.
+Prints a line per evaluation and JSON at the end (``--json`` writes it to a file too). Each
+evaluation row carries the rollout images and training seconds so far (curves of score vs
+images and vs minutes); ``--summary docs/results/learning.json --summary-key KEY`` records the
+run's base and final score, images and minutes in that summary file.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from _json_out import emit_json, merge_summary
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,6 +37,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reward", choices=["preset", "brightness"], default="preset")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--json", default=None, help="also write the JSON result to this file")
+    ap.add_argument("--summary", default=None,
+                    help="summary JSON to update (e.g. docs/results/learning.json) under --summary-key")
+    ap.add_argument("--summary-key", default="fixed_prompts", help="key (a/b nests) of this run in --summary")
     args = ap.parse_args(argv)
 
     from diffalign.cli import resolve_preset
@@ -59,6 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     pool = read_prompt_file(args.prompts)
     prompts = [p for p in pool for _ in range(args.images)]
     rows = []
+    images_per_epoch = cfg.prompts_per_epoch * cfg.group_size
+    t0 = time.perf_counter()
+    train_s = 0.0
 
     def evaluate(epoch: int) -> None:
         trainer.policy.eval()
@@ -69,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
         st = verdict_stats(prompts, verdicts)
         per = [sum(v.score for v in verdicts[i * args.images:(i + 1) * args.images]) / args.images
                for i in range(len(pool))]
-        row = {"epoch": epoch, "score": st["score"], "partial": st["partial"],
+        row = {"epoch": epoch, "rollout_images": epoch * images_per_epoch, "train_s": round(train_s, 1),
+               "score": st["score"], "partial": st["partial"],
                "graded": sum(v.graded for v in verdicts) / len(verdicts),
                "brightness": float(traj.images.mean()), "per_prompt_score": per}
         rows.append(row)
@@ -77,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"brightness {row['brightness']:.4f}  per prompt " + " ".join(f"{x:.2f}" for x in per), flush=True)
 
     evaluate(0)
-    t0 = time.perf_counter()
     for epoch in range(args.epochs):
+        t_epoch = time.perf_counter()
         gen = epoch_generator(cfg.seed, epoch)
         ps, gids, _ = sample_prompts_with_tasks(cfg, epoch, None)
         trainer.policy.eval()
@@ -88,12 +99,18 @@ def main(argv: list[str] | None = None) -> dict:
         for group in trainer.optimizer.param_groups:
             group["lr"] = epoch_lr(cfg, epoch)
         trainer.algo.update(trainer.policy, trainer.optimizer, traj, adv, gen)
+        train_s += time.perf_counter() - t_epoch
         if (epoch + 1) % args.every == 0 or epoch + 1 == args.epochs:
             evaluate(epoch + 1)
     out = {"preset": args.preset, "overrides": args.set, "reward": args.reward, "prompts": pool,
-           "train_s": round(time.perf_counter() - t0, 1), "evaluations": rows}
-    print(json.dumps(out, indent=2))
-    return out
+           "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - t0, 1),
+           "eval_images_per_prompt": args.images, "evaluations": rows}
+    if args.summary:
+        merge_summary(args.summary, args.summary_key, {
+            "preset": args.preset, "overrides": args.set, "base": rows[0]["score"], "final": rows[-1]["score"],
+            "images": rows[-1]["rollout_images"], "train_minutes": round(train_s / 60, 2),
+            "eval_images_per_prompt": args.images, "curve": [[r["rollout_images"], r["train_s"], r["score"]] for r in rows]})
+    return emit_json(out, args.json)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """benchmarks/fixed_prompts.py and benchmarks/sampler_gap.py on a tiny model (real trainer, sampler, verifier)."""
 
+import json
+
 import pytest
 from tiny import load_benchmark, tiny_unet
 
@@ -29,9 +31,12 @@ def test_fixed_prompts_brightness_control_moves_brightness(tmp_path, tiny_model)
         "--threads", "1", "--reward", "brightness", "--set", f"model={tiny_model}", "--set", "lora_rank=0",
         "--set", "prompts_per_epoch=4", "--set", "group_size=4", "--set", "rollout.steps=3",
         "--set", "rollout.sde_window=null", "--set", "grpo.minibatch_size=16", "--set", "grpo.beta_kl=0",
-        "--set", "lr=3e-3"])
+        "--set", "lr=3e-3", "--summary", str(tmp_path / "learning.json"), "--summary-key", "fixed/bright"])
     rows = out["evaluations"]
     assert [r["epoch"] for r in rows] == [0, 2, 4]
+    assert [r["rollout_images"] for r in rows] == [0, 32, 64] and rows[1]["train_s"] <= rows[2]["train_s"]
+    summary = json.loads((tmp_path / "learning.json").read_text())["fixed"]["bright"]
+    assert summary["base"] == rows[0]["score"] and summary["final"] == rows[-1]["score"] and summary["images"] == 64
     assert all(len(r["per_prompt_score"]) == 2 and 0 <= r["graded"] <= 1 for r in rows)
     assert rows[-1]["brightness"] > rows[0]["brightness"] + 0.02  # the control reward is climbed
 
@@ -76,3 +81,24 @@ def test_best_of_n_trains_on_passing_samples(tmp_path):
     assert [r["iter"] for r in rows] == [0, 2] and rows[1]["rollout_images"] == 16
     assert 0 < rows[1]["kept_images"] <= 16  # the base draws a red circle most of the time
     assert 0 <= rows[1]["rollout_pass_rate"] <= 1 and (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["--renders", "--snap"])
+def test_best_of_n_controls(tmp_path, tiny_model, mode):
+    """--renders trains on every renderer image (the ceiling control); --snap on palette-snapped samples."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    out = load_benchmark("best_of_n").main([
+        "--prompts", str(prompts), "--iters", "2", "--every", "2", "--group", "4", "--images", "2",
+        "--threads", "1", "--eval-cfg", "1", mode, "--set", f"model={tiny_model}", "--set", "lora_rank=4",
+        "--set", "rollout.steps=3", "--set", "rollout.guidance_scale=1",
+        "--summary", str(tmp_path / "learning.json"), "--summary-key", "ladder/bon"])
+    last = out["evaluations"][-1]
+    summary = json.loads((tmp_path / "learning.json").read_text())["ladder"]["bon"]
+    assert summary["data"] == ("renders" if mode == "--renders" else "own passing samples, snapped")
+    assert summary["final"] == last["score"] and summary["images"] == 8
+    assert out["eval_cfg"] == 1.0 and out[mode[2:]] is True and last["rollout_images"] == 8
+    if mode == "--renders":
+        assert last["kept_images"] == 8  # renders are all kept, whatever the (random) model draws
+    else:
+        assert 0 <= last["kept_images"] <= 8

@@ -18,6 +18,7 @@ from diffalign.world import (
     prompt_splits,
     render,
     render_batch,
+    snap_to_palette,
     verify,
     verify_batch,
 )
@@ -167,6 +168,18 @@ def test_verifier_tolerates_mild_noise_but_not_blank():
     blank = np.full_like(img, 255)
     v = verify(blank, "a blue square and a yellow circle")
     assert v.score == 0 and v.missing == 2 and detect(blank) == []
+
+
+def test_snap_to_palette_removes_pixel_noise_and_keeps_renders():
+    ps = ["four blue circles", "a red circle below a purple square"]
+    clean = render_batch(ps, [3, 4])
+    assert torch.equal(snap_to_palette(clean), clean)  # renders are palette images already
+    noisy = clean + torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)) * 0.03
+    noisy = torch.where(clean == 1, noisy + 0.3, noisy)  # the background's overshoot past 1, as CFG samples have
+    snapped = snap_to_palette(noisy)
+    assert torch.equal(snapped, clean)
+    palette = {tuple(c) for c in (render_batch(["a red circle"], [0])[0].reshape(3, -1).T.tolist())}
+    assert (1.0, 1.0, 1.0) in palette  # white background is one of the snapped colours
 
 
 def test_tensor_and_batch_interfaces_agree():

@@ -97,6 +97,16 @@ def _label_colors(image_u8: np.ndarray) -> np.ndarray:
     return idx
 
 
+def snap_to_palette(images: torch.Tensor) -> torch.Tensor:
+    """Every pixel of ``images`` ``(B, 3, H, W)`` in [0, 1] set to its nearest palette colour
+    or white (no distance cut-off): the image the verifier's colour labelling sees, without
+    the pixel noise and edge blends of generated samples."""
+    pal = torch.from_numpy(_PALETTE).to(images.device) / 255.0  # (P, 3)
+    px = images.float().clamp(0, 1).permute(0, 2, 3, 1)  # (B, H, W, 3)
+    nearest = ((px[..., None, :] - pal) ** 2).sum(-1).argmin(-1)  # (B, H, W)
+    return pal[nearest].permute(0, 3, 1, 2).contiguous()
+
+
 def detect(image_u8: np.ndarray) -> list[Detection]:
     """Objects in one uint8 ``(H, W, 3)`` image, sorted top-to-bottom, left-to-right."""
     h = image_u8.shape[0]
