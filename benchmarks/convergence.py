@@ -32,7 +32,16 @@ other benchmark directories, so one table can collect runs made with different b
 table's "steps", "train min" and "train reward" columns tell them apart).
 
 Prints JSON and a markdown table; writes ``OUT/convergence.json``, ``OUT/convergence.md``
-and a ``diffalign compare`` report of all runs in ``OUT/compare/``.
+and a ``diffalign compare`` report of all runs in ``OUT/compare/``. ``--summary
+docs/results/learning.json`` (with ``--base``) also records, per preset, the base and every
+seed's final test score under ``<preset>_test`` in that summary file (other entries are kept).
+
+The standard comparison (60 training minutes per run, 3 seeds, 512 images per split), resumable
+with ``--reuse`` after an interruption:
+
+    nohup python benchmarks/convergence.py --presets flow_grpo,dance_grpo,diffusion_nft --seeds 0,1,2 \
+        --minutes 60 --eval-images 512 --base --reuse --out runs/study \
+        --summary docs/results/learning.json > runs/study.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -281,6 +290,28 @@ def hallucination_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_summary(path: str, result: dict, minutes: float, eval_images: int) -> None:
+    """One ``<preset>_test`` entry per preset in the summary JSON at ``path``: the base model's and
+    every seed's final verifier score on the test split (each at the run's own evaluation CFG),
+    the out-of-domain scores, the high-level hallucination and the training budget."""
+    from _json_out import merge_summary
+
+    for name, p in result["presets"].items():
+        runs = [r for r in p["runs"] if r.get("ok") and r.get("figures", {}).get("test_score") is not None]
+        if not runs:
+            continue
+        g = runs[0]["figures"].get("eval_guidance")
+        base = result.get("base", {}).get(f"{g:g}" if g is not None else "", {})
+        merge_summary(path, f"{name}_test", {
+            "base": base.get("test_score"), "final": [r["figures"]["test_score"] for r in runs],
+            "seeds": [r["seed"] for r in runs], "minutes": minutes,
+            "train_minutes": [r["figures"].get("train_minutes") for r in runs], "eval_images": eval_images,
+            "eval_guidance": g, "base_ood": base.get("ood_score"), "final_ood": [r["figures"]["ood_score"] for r in runs],
+            "base_high_level_hallucination": base.get("high_level_hallucination"),
+            "final_high_level_hallucination": [r["figures"]["high_level_hallucination"] for r in runs],
+            "train_reward": runs[0]["figures"].get("train_reward"), "overrides": result["settings"]["overrides"]})
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="all", help="comma-separated preset names in configs/shapes, or 'all'")
@@ -299,6 +330,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-guidance", type=float, default=None,
                     help="CFG of the final evaluation for every run (default: each run's eval.guidance_scale)")
     ap.add_argument("--base", action="store_true", help="add a row for the base model at each guidance used")
+    ap.add_argument("--summary", default=None,
+                    help="summary JSON to update (e.g. docs/results/learning.json): one '<preset>_test' entry per "
+                         "preset with the base and per-seed final test scores (needs --base)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep finished runs (summary.json + eval.json with the same settings) instead of rerunning")
     ap.add_argument("--gather", action="store_true",
@@ -402,6 +436,8 @@ def main(argv: list[str] | None = None) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # presets differ by design
             compare(done_dirs, out / "compare")
+    if args.summary:
+        write_summary(args.summary, result, args.minutes, args.eval_images)
     table = markdown(result) + "\n" + hallucination_markdown(result)
     (out / "convergence.json").write_text(json.dumps(result, indent=2))
     (out / "convergence.md").write_text(table)

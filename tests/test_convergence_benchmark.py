@@ -42,8 +42,15 @@ def test_convergence_tiny_budget(tmp_path, tiny_model, capsys):
     stamp = ev_file.stat().st_mtime_ns
 
     # --reuse keeps the finished run and its evaluation; --base adds the base model's row
-    again = bench.main(args + ["--reuse", "--base"])
+    summary = tmp_path / "learning.json"
+    summary.write_text(json.dumps({"fixed_prompts": {"base": 0.3}}))
+    again = bench.main(args + ["--reuse", "--base", "--summary", str(summary)])
     run = again["presets"]["flow_grpo"]["runs"][0]
+    entry = json.loads(summary.read_text())
+    assert entry["fixed_prompts"] == {"base": 0.3}  # other benchmarks' entries are kept
+    entry = entry["flow_grpo_test"]
+    assert entry["final"] == [agg["test_score"]["mean"]] and entry["seeds"] == [0] and entry["eval_images"] == 4
+    assert entry["base"] == again["base"]["4.5"]["test_score"] and entry["minutes"] == 5
     assert run["ok"] and run.get("reused") and ev_file.stat().st_mtime_ns == stamp
     assert again["presets"]["flow_grpo"]["aggregate"]["test_score"] == agg["test_score"]
     base = again["base"]["4.5"]
