@@ -62,9 +62,15 @@ PRESET_DIR = ROOT / "configs" / "shapes"
 
 
 def run_preset(preset: str, seed: int, out: Path, minutes: float, overrides: list[str], timeout: float | None) -> dict:
-    """Train one preset/seed in a subprocess; returns {"ok", "seconds", "error"}."""
-    cmd = [sys.executable, "-m", "diffalign.cli", "train", preset, "--out", str(out), f"seed={seed}",
-           f"max_train_minutes={minutes}", *overrides]
+    """Train one preset/seed in a subprocess; returns {"ok", "seconds", "error"}. A run directory
+    that already holds a checkpoint (an interrupted study) is resumed, not restarted."""
+    from diffalign.training.rundir import list_checkpoints
+
+    if (out / "config.yaml").is_file() and list_checkpoints(out):
+        cmd = [sys.executable, "-m", "diffalign.cli", "train", "--resume", str(out)]
+    else:
+        cmd = [sys.executable, "-m", "diffalign.cli", "train", preset, "--out", str(out), f"seed={seed}",
+               f"max_train_minutes={minutes}", *overrides]
     t0 = time.perf_counter()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     try:

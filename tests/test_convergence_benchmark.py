@@ -76,6 +76,9 @@ def test_convergence_tiny_budget(tmp_path, tiny_model, capsys):
     assert "| dance_grpo | — | not run |" in md and "budgets may differ" in md
     assert "Seeds not run (no finished run found): flow_grpo-seed1." in md
     assert "| flow_grpo | 0 | shapes_verifier | 2 |" in md  # training reward and steps of the gathered run
+    # a run directory that holds a checkpoint is resumed (an interrupted study continues), not restarted
+    resumed = bench.run_preset("flow_grpo", 0, conv / "flow_grpo-seed0", 5, tiny, None)
+    assert resumed["ok"] and "--resume" in resumed["command"], resumed
     with pytest.raises(SystemExit):  # --runs-from without --gather could train into a foreign directory
         bench.main(["--runs-from", str(conv), "--out", str(tmp_path / "y")])
 
