@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--snap", action="store_true",
                     help="train on the passing samples snapped to the nearest palette colour (no pixel noise)")
+    ap.add_argument("--renders-for-kept", action="store_true",
+                    help="control: sample and judge as usual, but train on a fresh render of each passing "
+                         "sample's prompt instead of the sample (same batch size and prompt mix as best-of-N)")
+    ap.add_argument("--grid", default=None, help="save a grid of the final evaluation's first 8 images per prompt")
     ap.add_argument("--renders", action="store_true",
                     help="control: train on fresh renderer images of the prompts instead of own passing samples")
     ap.add_argument("--json", default=None)
@@ -135,18 +139,30 @@ def main(argv: list[str] | None = None) -> dict:
             x0, kept = latents[passed], [p for p, ok in zip(batch, passed.tolist(), strict=True) if ok]
             if args.snap:
                 x0 = policy.encode_images(snap_to_palette(policy.decode(x0)))
+            if args.renders_for_kept:
+                seeds = [it * len(batch) + i for i in range(len(kept))]
+                x0 = policy.encode_images(render_batch(kept, seeds, policy.image_size))
             for _ in range(args.steps_per_iter):
                 best_of_n_step(policy, optimizer, x0, kept, sigma_min=args.sigma_min, generator=gen)
         t_train += time.perf_counter() - t0
         if it % args.every == 0 or it == args.iters:
             evaluate(it, float(passed.float().mean()))
+    if args.grid:
+        from diffalign.evaluation.grid import save_grid
+        from diffalign.sampling.generate import generate
+
+        policy.eval()
+        shown = [p for p in prompts for _ in range(8)]
+        save_grid(generate(policy, shown, [10_000 + i % 8 for i in range(len(shown))], cfg=args.eval_cfg), args.grid)
     out = {"preset": args.preset, "overrides": args.set, "prompts": prompts, "sigma_min": args.sigma_min,
-           "lr": args.lr, "eval_cfg": args.eval_cfg, "renders": args.renders, "snap": args.snap, "group": args.group,
+           "lr": args.lr, "eval_cfg": args.eval_cfg, "renders": args.renders, "snap": args.snap,
+           "renders_for_kept": args.renders_for_kept, "group": args.group,
            "steps_per_iter": args.steps_per_iter, "eval_images": args.images,
            "evaluations": rows}
     if args.summary:
         merge_summary(args.summary, args.summary_key, {
-            "data": "renders" if args.renders else "own passing samples" + (", snapped" if args.snap else ""),
+            "data": "renders" if args.renders else "renders in place of the passing samples"
+            if args.renders_for_kept else "own passing samples" + (", snapped" if args.snap else ""),
             "sigma_min": args.sigma_min, "lr": args.lr, "eval_cfg": args.eval_cfg, "overrides": args.set,
             "base": rows[0]["score"], "final": rows[-1]["score"], "images": rows[-1]["rollout_images"],
             "kept_images": rows[-1]["kept_images"], "eval_images_per_prompt": args.images,

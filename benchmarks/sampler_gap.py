@@ -9,9 +9,19 @@ independent initial noise, the same noise for every target and sampler) with:
 - ``ode10``: the Euler ODE with the rollout's 10 steps;
 - ``ode20``: the Euler ODE with evaluation's 20 steps;
 
-all at CFG 4.5, and prints the verifier's strict and partial score, overall and per task.
+at each CFG weight of ``--cfgs`` (default 4.5), and prints the verifier's strict and partial
+score, overall and per task.
+
+``--fm-loss`` also measures how far the samples lie from the data the model was trained on:
+the flow-matching loss of the target's own conditional velocity, ``mean ‖v_θ(x_σ) − (ε − x0)‖²``,
+on its samples ``x0`` re-noised at each σ of ``FM_SIGMAS`` (fresh ε, the same for every row),
+next to the same loss on renderer images of the same prompts (the pretraining data; a
+``renders`` row), plus the fraction of pixels beyond the data range [−1, 1] and the median
+absolute Laplacian (residual pixel noise). Methods that fit their own samples (online SFT,
+DiffusionNFT, CRD) regress onto exactly these ``x0``.
 
     python benchmarks/sampler_gap.py --targets base,runs/s9/flow_fast_15min --split train --images 384
+    python benchmarks/sampler_gap.py --cfgs 1,4.5 --fm-loss --images 384 --json docs/results/sample_distribution.json
 
 Prints a markdown table and JSON.
 """
@@ -19,10 +29,12 @@ Prints a markdown table and JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from _json_out import emit_json
+
+FM_SIGMAS = (0.05, 0.1, 0.3, 0.5, 0.8)
 
 SAMPLERS = {
     "sde": {"sampler": "flow_sde", "steps": 10, "noise_level": 0.7, "sde_window": (0, 2)},
@@ -39,6 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samplers", default=",".join(SAMPLERS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-seed", type=int, default=7)
+    ap.add_argument("--cfgs", default="4.5", help="comma-separated CFG weights")
+    ap.add_argument("--fm-loss", action="store_true", help="also measure the samples' distance from the training data")
+    ap.add_argument("--json", default=None, help="also write the JSON result to this file")
     args = ap.parse_args(argv)
 
     from diffalign.evaluation.quick import verdict_stats
@@ -46,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffalign.runtime import keep_freed_memory
     from diffalign.sampling.rollout import RolloutConfig, rollout
     from diffalign.world.grammar import eval_prompts
+    from diffalign.world.render import render_batch
     from diffalign.world.verify import verify_batch
 
     keep_freed_memory()
@@ -55,23 +71,57 @@ def main(argv: list[str] | None = None) -> dict:
     for target in args.targets.split(","):
         policy, name = load_policy_for_eval(None if target == "base" else target)
         policy.eval()
-        for sampler in args.samplers.split(","):
-            cfg = RolloutConfig(guidance_scale=4.5, batch_size=128, **SAMPLERS[sampler])
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                traj = rollout(policy, prompts, torch.arange(len(prompts)), cfg,
-                               generator=torch.Generator().manual_seed(123))
-            st = verdict_stats(prompts, verify_batch(traj.images, prompts))
-            results.append({"target": target, "sampler": sampler, "seconds": round(time.perf_counter() - t0, 1), **st})
-            print(f"{target} {sampler}: score {st['score']:.3f} partial {st['partial']:.3f}", flush=True)
+        if args.fm_loss and target == args.targets.split(",")[0]:
+            x0 = policy.encode_images(render_batch(prompts, list(range(len(prompts))), policy.image_size))
+            results.append({"target": "renders", "sampler": "renderer", "cfg": None,
+                            **verdict_stats(prompts, verify_batch(policy.decode(x0), prompts)),
+                            **sample_distance(policy, x0, prompts)})
+        for guidance in (float(g) for g in args.cfgs.split(",")):
+            for sampler in args.samplers.split(","):
+                cfg = RolloutConfig(guidance_scale=guidance, batch_size=128, **SAMPLERS[sampler])
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    traj = rollout(policy, prompts, torch.arange(len(prompts)), cfg,
+                                   generator=torch.Generator().manual_seed(123))
+                st = verdict_stats(prompts, verify_batch(traj.images, prompts))
+                row = {"target": target, "sampler": sampler, "cfg": guidance,
+                       "seconds": round(time.perf_counter() - t0, 1), **st}
+                if args.fm_loss:
+                    row |= sample_distance(policy, traj.latents[:, -1], prompts)
+                results.append(row)
+                print(f"{target} {sampler} cfg {guidance:g}: score {st['score']:.3f} partial {st['partial']:.3f}",
+                      flush=True)
     tasks = [k for k in results[0] if k.startswith("score/")]
-    print("\n| target | sampler | score | partial | " + " | ".join(t[6:] for t in tasks) + " |")
-    print("|---|---|---|---|" + "---|" * len(tasks))
+    fm = [f"fm_loss@{s:g}" for s in FM_SIGMAS] + ["out_of_range", "laplacian"] if args.fm_loss else []
+    print("\n| target | sampler | CFG | score | partial | " + " | ".join(t[6:] for t in tasks + fm) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(tasks + fm))
     for r in results:
-        print(f"| {r['target']} | {r['sampler']} | {r['score']:.3f} | {r['partial']:.3f} | "
-              + " | ".join(f"{r[t]:.2f}" for t in tasks) + " |")
-    out = {"split": args.split, "images": args.images, "results": results}
-    print(json.dumps(out, indent=2))
+        print(f"| {r['target']} | {r['sampler']} | {r['cfg'] if r['cfg'] is not None else '—'} | {r['score']:.3f} | "
+              f"{r['partial']:.3f} | " + " | ".join(f"{r[t]:.2f}" for t in tasks) + "".join(f" | {r[k]:.3f}" for k in fm)
+              + " |")
+    out = {"split": args.split, "images": args.images, "fm_sigmas": list(FM_SIGMAS) if args.fm_loss else None,
+           "results": results}
+    return emit_json(out, args.json)
+
+
+@torch.no_grad()
+def sample_distance(policy, x0: torch.Tensor, prompts: list[str], *, batch: int = 128) -> dict:
+    """How far samples ``x0`` (latents in [−1, 1]) lie from the model's training data: the
+    conditional flow-matching loss at each σ of ``FM_SIGMAS`` (fixed ε), the fraction of pixels
+    beyond the data range by more than 0.02, and the median absolute Laplacian."""
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(x0.shape, generator=g)
+    out = {}
+    for sigma in FM_SIGMAS:
+        losses = []
+        for i in range(0, len(x0), batch):
+            xb, eb = x0[i:i + batch], eps[i:i + batch]
+            v = policy.predict((1 - sigma) * xb + sigma * eb, sigma, policy.encode(prompts[i:i + batch]))
+            losses.append((v - (eb - xb)).pow(2).flatten(1).mean(1))
+        out[f"fm_loss@{sigma:g}"] = float(torch.cat(losses).mean())
+    out["out_of_range"] = float((x0.abs() > 1.02).float().mean())
+    lap = 4 * x0[..., 1:-1, 1:-1] - x0[..., :-2, 1:-1] - x0[..., 2:, 1:-1] - x0[..., 1:-1, :-2] - x0[..., 1:-1, 2:]
+    out["laplacian"] = float(lap.abs().median())
     return out
 
 
