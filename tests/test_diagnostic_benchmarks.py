@@ -97,22 +97,27 @@ def test_best_of_n_trains_on_passing_samples(tmp_path):
     assert 0 <= rows[1]["rollout_pass_rate"] <= 1 and (tmp_path / "b.json").exists()
 
 
-@pytest.mark.parametrize("mode", ["--renders", "--snap"])
+@pytest.mark.parametrize("mode", ["--renders", "--snap", "--renders-for-kept"])
 def test_best_of_n_controls(tmp_path, tiny_model, mode):
     """--renders trains on every renderer image (the ceiling control); --snap on palette-snapped samples."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
     out = load_benchmark("best_of_n").main([
         "--prompts", str(prompts), "--iters", "2", "--every", "2", "--group", "4", "--images", "2",
-        "--threads", "1", "--eval-cfg", "1", mode, "--set", f"model={tiny_model}", "--set", "lora_rank=4",
+        "--threads", "1", "--eval-cfg", "1", mode, "--set", "lora_rank=4",
+        # a random tiny model passes nothing; the shipped base draws a red circle most of the time
+        "--set", f"model={'null' if mode == '--renders-for-kept' else tiny_model}",
         "--set", "rollout.steps=3", "--set", "rollout.guidance_scale=1",
         "--summary", str(tmp_path / "learning.json"), "--summary-key", "ladder/bon"])
     last = out["evaluations"][-1]
     summary = json.loads((tmp_path / "learning.json").read_text())["ladder"]["bon"]
-    assert summary["data"] == ("renders" if mode == "--renders" else "own passing samples, snapped")
+    assert summary["data"] == {"--renders": "renders", "--snap": "own passing samples, snapped",
+                               "--renders-for-kept": "renders in place of the passing samples"}[mode]
     assert summary["final"] == last["score"] and summary["images"] == 8
-    assert out["eval_cfg"] == 1.0 and out[mode[2:]] is True and last["rollout_images"] == 8
+    assert out["eval_cfg"] == 1.0 and out[mode[2:].replace("-", "_")] is True and last["rollout_images"] == 8
     if mode == "--renders":
         assert last["kept_images"] == 8  # renders are all kept, whatever the (random) model draws
+    elif mode == "--renders-for-kept":
+        assert 0 < last["kept_images"] <= 8
     else:
         assert 0 <= last["kept_images"] <= 8
