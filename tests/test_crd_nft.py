@@ -334,3 +334,8 @@ def test_sample_training_sigmas() -> None:
     torch.testing.assert_close(
         sample_training_sigmas(1000, 1.0, torch.Generator().manual_seed(0)), u.clamp(1e-3, 1 - 1e-3)
     )
+    high = sample_training_sigmas(1000, 3.0, torch.Generator().manual_seed(0), sigma_min=0.5)
+    torch.testing.assert_close(high, (0.5 + 0.5 * 3 * u / (1 + 2 * u)).clamp(1e-3, 1 - 1e-3))
+    assert float(high.min()) >= 0.5
+    with pytest.raises(ValueError, match="sigma_min"):
+        sample_training_sigmas(4, 3.0, sigma_min=1.0)

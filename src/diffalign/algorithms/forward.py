@@ -63,6 +63,12 @@ class ForwardConfig:
     time_shift: float = 3.0
     """Shift ``s`` of the training noise levels ``σ = s·u/(1 + (s−1)·u)``, ``u ~ U(0, 1)``
     (dimensionless; > 1 favours high noise) [3]."""
+    sigma_min: float = 0.0
+    """Lowest training noise level: the shifted ``σ`` is mapped onto ``[sigma_min, 1]``. Own
+    samples differ from the training data most at low noise (residual pixel noise, ragged
+    edges: ``benchmarks/sampler_gap.py --fm-loss``), and fitting them there feeds those
+    artifacts back into the next rollout; ``0.5`` leaves them out (docs/results.md, tenth
+    round). 0 = the published draw."""
     timesteps_per_sample: int = 1
     """Fresh ``(σ, ε)`` draws per clean sample per optimizer step (gradients accumulate)."""
     groups_per_step: int = 0
@@ -100,6 +106,8 @@ class ForwardConfig:
     def __post_init__(self) -> None:
         if not self.time_shift > 0:
             raise ConfigError(f"time_shift must be > 0 (1 = no shift); got {self.time_shift}")
+        if not 0 <= self.sigma_min < 1:
+            raise ConfigError(f"sigma_min must be in [0, 1) (the lowest training noise level); got {self.sigma_min}")
         if self.timesteps_per_sample < 1 or self.inner_epochs < 1:
             raise ConfigError("timesteps_per_sample and inner_epochs must be at least 1")
         if self.groups_per_step < 0:
@@ -255,7 +263,7 @@ class ForwardProcess:
                 step_groups = order[s : s + per_step]
                 idx = torch.cat([members[int(g)] for g in step_groups])
                 n = len(idx)
-                sigmas = torch.stack([sample_training_sigmas(n, c.time_shift, generator)
+                sigmas = torch.stack([sample_training_sigmas(n, c.time_shift, generator, sigma_min=c.sigma_min)
                                       for _ in range(c.timesteps_per_sample)])  # (T, n)
                 noise = torch.randn((c.timesteps_per_sample, n, *samples.latents.shape[1:]), generator=generator)
                 optimizer.zero_grad(set_to_none=True)

@@ -57,9 +57,11 @@ def sample_training_sigmas(
     shift: float = 3.0,
     generator: torch.Generator | None = None,
     *,
+    sigma_min: float = 0.0,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """``n`` training noise levels: ``u ~ U(0, 1)`` time-shifted, ``σ = s·u / (1 + (s−1)·u)``.
+    """``n`` training noise levels: ``u ~ U(0, 1)`` time-shifted, ``σ = s·u / (1 + (s−1)·u)``,
+    then mapped onto ``[sigma_min, 1]``: ``σ_min + (1 − σ_min)·σ`` (``sigma_min = 0``: unchanged).
 
     ``shift > 1`` moves mass towards high noise (the published default is 3). The result is
     clamped to ``[1e-3, 1 − 1e-3]``, away from the endpoints where ``ε`` (at ``σ = 0``) or ``x0``
@@ -74,8 +76,13 @@ def sample_training_sigmas(
         raise ValueError(f"shift must be > 0; got {shift}")
     if generator is not None and device is None:
         device = generator.device
+    if not 0 <= sigma_min < 1:
+        raise ValueError(f"sigma_min must be in [0, 1); got {sigma_min}")
     u = torch.rand(n, generator=generator, dtype=torch.float32, device=device)
-    return time_shift(u, shift).clamp(SIGMA_MIN, SIGMA_MAX)
+    sigma = time_shift(u, shift)
+    if sigma_min > 0:
+        sigma = sigma_min + (1 - sigma_min) * sigma
+    return sigma.clamp(SIGMA_MIN, SIGMA_MAX)
 
 
 def nft_loss(
