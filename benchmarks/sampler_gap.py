@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
                       flush=True)
     tasks = [k for k in results[0] if k.startswith("score/")]
     fm = [f"fm_loss@{s:g}" for s in FM_SIGMAS] + ["out_of_range", "laplacian"] if args.fm_loss else []
-    print("\n| target | sampler | CFG | score | partial | " + " | ".join(t[6:] for t in tasks + fm) + " |")
+    print("\n| target | sampler | CFG | score | partial | " + " | ".join([t[6:] for t in tasks] + fm) + " |")
     print("|---|---|---|---|---|" + "---|" * len(tasks + fm))
     for r in results:
         print(f"| {r['target']} | {r['sampler']} | {r['cfg'] if r['cfg'] is not None else '—'} | {r['score']:.3f} | "
