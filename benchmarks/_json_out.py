@@ -32,3 +32,11 @@ def merge_summary(path: str, key: str, value: dict) -> dict:
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, p)
     return summary
+
+
+def score_curve_summary(rows: list[dict]) -> dict:
+    """Base / final score and the curve of a run's evaluation rows (each with ``rollout_images``,
+    ``train_s`` and ``score``): the common part of a learning summary entry."""
+    return {"base": rows[0]["score"], "final": rows[-1]["score"], "images": rows[-1]["rollout_images"],
+            "curve": [[r["rollout_images"], r["train_s"], r["score"]] for r in rows],
+            "curve_columns": ["rollout_images", "train_s", "score"]}

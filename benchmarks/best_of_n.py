@@ -10,7 +10,9 @@ training data (their residual pixel noise and edge artifacts, ../shared/FINDINGS
 ``--snap`` trains on the passing samples with every pixel set to its nearest palette colour
 (the layout the verifier passed, without the pixel noise). ``--renders`` is the ceiling
 control: the same loop on fresh renderer images of the prompts (the pretraining data, all
-kept), i.e. how fast the model learns these prompts from perfect samples.
+kept), i.e. how fast the model learns these prompts from perfect samples; ``--renders-for-kept``
+keeps the best-of-N batches (same count, same prompts) but trains on a fresh render of each
+passing sample's prompt, separating what the samples contain from how many there are.
 Every ``--every`` iterations it judges ``--images`` fresh images per prompt with the standard
 evaluation sampler (Euler ODE, 20 steps, CFG ``--eval-cfg``; the same seeds each time).
 
@@ -27,7 +29,7 @@ import argparse
 import time
 
 import torch
-from _json_out import emit_json, merge_summary
+from _json_out import emit_json, merge_summary, score_curve_summary
 
 
 def evaluate_fixed(policy, prompts: list[str], images: int, *, steps: int = 20, cfg: float = 4.5,
@@ -42,6 +44,15 @@ def evaluate_fixed(policy, prompts: list[str], images: int, *, steps: int = 20, 
     per = [sum(v.score for v in verdicts[i * images:(i + 1) * images]) / images for i in range(len(prompts))]
     return {"score": sum(per) / len(per), "partial": sum(v.partial for v in verdicts) / len(verdicts),
             "per_prompt_score": per}
+
+
+def training_data(args) -> str:
+    """What the run trains on, in words (for the summary)."""
+    if args.renders:
+        return "renders"
+    if args.renders_for_kept:
+        return "renders in place of the passing samples"
+    return "own passing samples, snapped" if args.snap else "own passing samples"
 
 
 def best_of_n_step(policy, optimizer, x0: torch.Tensor, prompts: list[str], *, sigma_min: float,
@@ -74,14 +85,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-cfg", type=float, default=4.5, help="CFG weight of the evaluation sampler")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--snap", action="store_true",
-                    help="train on the passing samples snapped to the nearest palette colour (no pixel noise)")
-    ap.add_argument("--renders-for-kept", action="store_true",
-                    help="control: sample and judge as usual, but train on a fresh render of each passing "
-                         "sample's prompt instead of the sample (same batch size and prompt mix as best-of-N)")
+    data = ap.add_mutually_exclusive_group()  # what the kept images are replaced by (default: nothing)
+    data.add_argument("--snap", action="store_true",
+                      help="train on the passing samples snapped to the nearest palette colour (no pixel noise)")
+    data.add_argument("--renders-for-kept", action="store_true",
+                      help="control: sample and judge as usual, but train on a fresh render of each passing "
+                           "sample's prompt instead of the sample (same batch size and prompt mix as best-of-N)")
+    data.add_argument("--renders", action="store_true",
+                      help="control: train on fresh renderer images of the prompts instead of own passing samples")
     ap.add_argument("--grid", default=None, help="save a grid of the final evaluation's first 8 images per prompt")
-    ap.add_argument("--renders", action="store_true",
-                    help="control: train on fresh renderer images of the prompts instead of own passing samples")
     ap.add_argument("--json", default=None)
     ap.add_argument("--summary", default=None, help="summary JSON to update (e.g. docs/results/learning.json)")
     ap.add_argument("--summary-key", default="best_of_n", help="key (a/b nests) of this run in --summary")
@@ -161,12 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
            "evaluations": rows}
     if args.summary:
         merge_summary(args.summary, args.summary_key, {
-            "data": "renders" if args.renders else "renders in place of the passing samples"
-            if args.renders_for_kept else "own passing samples" + (", snapped" if args.snap else ""),
+            "data": training_data(args),
             "sigma_min": args.sigma_min, "lr": args.lr, "eval_cfg": args.eval_cfg, "overrides": args.set,
-            "base": rows[0]["score"], "final": rows[-1]["score"], "images": rows[-1]["rollout_images"],
-            "kept_images": rows[-1]["kept_images"], "eval_images_per_prompt": args.images,
-            "curve": [[r["rollout_images"], r["train_s"], r["score"]] for r in rows]})
+            **score_curve_summary(rows), "kept_images": rows[-1]["kept_images"],
+            "eval_images_per_prompt": args.images})
     return emit_json(out, args.json)
 
 

@@ -23,7 +23,7 @@ import argparse
 import time
 
 import torch
-from _json_out import emit_json, merge_summary
+from _json_out import emit_json, merge_summary, score_curve_summary
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -107,9 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
            "eval_images_per_prompt": args.images, "evaluations": rows}
     if args.summary:
         merge_summary(args.summary, args.summary_key, {
-            "preset": args.preset, "overrides": args.set, "base": rows[0]["score"], "final": rows[-1]["score"],
-            "images": rows[-1]["rollout_images"], "train_minutes": round(train_s / 60, 2),
-            "eval_images_per_prompt": args.images, "curve": [[r["rollout_images"], r["train_s"], r["score"]] for r in rows]})
+            "preset": args.preset, "overrides": args.set, **score_curve_summary(rows),
+            "train_minutes": round(train_s / 60, 2), "eval_images_per_prompt": args.images})
     return emit_json(out, args.json)
 
 
