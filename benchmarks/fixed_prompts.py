@@ -49,13 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffalign.runtime import keep_freed_memory
     from diffalign.sampling.rollout import rollout
     from diffalign.training.prompts import read_prompt_file
-    from diffalign.training.trainer import (
-        TrainConfig,
-        Trainer,
-        epoch_generator,
-        epoch_lr,
-        sample_prompts_with_tasks,
-    )
+    from diffalign.training.trainer import TrainConfig, Trainer
     from diffalign.world.verify import verify_batch
 
     keep_freed_memory()
@@ -68,7 +62,6 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     images_per_epoch = cfg.prompts_per_epoch * cfg.group_size
     t0 = time.perf_counter()
-    train_s = 0.0
 
     def evaluate(epoch: int) -> None:
         trainer.policy.eval()
@@ -79,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         st = verdict_stats(prompts, verdicts)
         per = [sum(v.score for v in verdicts[i * args.images:(i + 1) * args.images]) / args.images
                for i in range(len(pool))]
-        row = {"epoch": epoch, "rollout_images": epoch * images_per_epoch, "train_s": round(train_s, 1),
+        row = {"epoch": epoch, "rollout_images": epoch * images_per_epoch, "train_s": round(trainer.train_time, 1),
                "score": st["score"], "partial": st["partial"],
                "graded": sum(v.graded for v in verdicts) / len(verdicts),
                "brightness": float(traj.images.mean()), "per_prompt_score": per}
@@ -89,26 +82,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     evaluate(0)
     for epoch in range(args.epochs):
-        t_epoch = time.perf_counter()
-        gen = epoch_generator(cfg.seed, epoch)
-        ps, gids, _ = sample_prompts_with_tasks(cfg, epoch, None)
-        trainer.policy.eval()
-        traj, rewards, _ = trainer.sample_and_score(ps, gids, gen, trainer.algo.shared_groups(epoch, cfg.prompts_per_epoch, gen))
-        adv, _ = trainer.algo.advantages(rewards, gids, ps)
-        trainer.policy.train()
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = epoch_lr(cfg, epoch)
-        trainer.algo.update(trainer.policy, trainer.optimizer, traj, adv, gen)
-        train_s += time.perf_counter() - t_epoch
+        trainer.step_epoch(epoch)  # the trainer's own epoch: sample, score, advantages, update
         if (epoch + 1) % args.every == 0 or epoch + 1 == args.epochs:
             evaluate(epoch + 1)
     out = {"preset": args.preset, "overrides": args.set, "reward": args.reward, "prompts": pool,
-           "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - t0, 1),
+           "train_s": round(trainer.train_time, 1), "wall_s": round(time.perf_counter() - t0, 1),
            "eval_images_per_prompt": args.images, "evaluations": rows}
     if args.summary:
         merge_summary(args.summary, args.summary_key, {
             "preset": args.preset, "overrides": args.set, **score_curve_summary(rows),
-            "train_minutes": round(train_s / 60, 2), "eval_images_per_prompt": args.images})
+            "train_minutes": round(trainer.train_time / 60, 2), "eval_images_per_prompt": args.images})
     return emit_json(out, args.json)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -458,6 +459,60 @@ class Trainer:
         path.write_text("\n".join([*lines, _granularity_line(epoch, prompts, group_ids, shared)]) + "\n")
 
     # -- the loop ----------------------------------------------------------------------
+    def step_epoch(self, epoch: int, on_phase: Callable[[str], None] | None = None) -> dict:
+        """One training epoch in its four phases (sample → score → advantages → update), without
+        evaluation, logging or checkpoints: what :meth:`train` runs per epoch and the diagnostic
+        benchmarks call directly. Adds the epoch's time to ``train_time`` and returns its
+        ``metrics.jsonl`` row. ``on_phase`` is told each phase's name as it starts."""
+        cfg = self.cfg
+        phase = on_phase or (lambda _: None)
+        t0 = time.perf_counter()
+        gen = epoch_generator(cfg.seed, epoch)
+        phase("sample")
+        task_probs = self.curriculum.probs() if self.curriculum else None
+        # the whole epoch, same on every rank
+        prompts, group_ids, kinds = sample_prompts_with_tasks(cfg, epoch, task_probs)
+        self.policy.eval()
+        shared = self.algo.shared_groups(epoch, cfg.prompts_per_epoch, gen)
+        mine = slice(self.groups.start * cfg.group_size, self.groups.stop * cfg.group_size)
+        error = None
+        try:
+            traj, rewards, details = self.sample_and_score(prompts[mine], group_ids[mine], gen,
+                                                           None if shared is None else shared[self.groups])
+        except Exception as e:  # raised on every rank below, so none waits at a collective
+            error = e
+        raise_if_any_failed(error)
+        t_sampled = time.perf_counter()
+        # statistics over the whole epoch: every rank's rewards, in the single-process order
+        rewards_all = all_gather_tensor(rewards.cpu())
+        details = {k: all_gather_tensor(v.cpu()) for k, v in details.items()}
+        shared_all = all_gather_tensor(traj.shared_noise.cpu())
+        self._log_granularity(epoch + 1, prompts, group_ids, shared_all)
+        phase("update")
+        adv, adv_metrics = self.algo.advantages(rewards_all, group_ids, prompts,
+                                                **per_reward_inputs(self.reward, details,
+                                                                    cfg.grpo.reward_normalization))
+        adv = adv[mine]
+        if self.curriculum is not None:  # from every rank's rewards: the same on all ranks
+            self.curriculum.update(kinds, rewards_all, group_ids)
+        self.policy.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = epoch_lr(cfg, epoch)
+        update_gen = gen if self.world.rank == 0 else epoch_generator(cfg.seed, epoch, self.world.rank)
+        metrics = _mean_over_ranks(self.algo.update(self.policy, self.optimizer, traj, adv, update_gen))
+        check_in_sync(self.policy.trainable_parameters())
+        if cfg.ema_decay > 0:
+            self.policy.ema_snapshot("ema", cfg.ema_decay)
+        t1 = time.perf_counter()
+        self.train_time += t1 - t0
+        row = {"reward": float(rewards_all.mean()), "train_time_s": self.train_time, "lr": epoch_lr(cfg, epoch),
+               "time/sample_s": t_sampled - t0, "time/update_s": t1 - t_sampled,
+               "dgr/coarse_fraction": float((~shared_all).float().mean()), **adv_metrics,
+               **{f"reward/{k}": float(v.mean()) for k, v in details.items()}, **metrics}
+        if task_probs is not None:
+            row |= {f"task_prob/{t}": p for t, p in task_probs.items()}
+        return row
+
     def train(self) -> dict:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -473,52 +528,8 @@ class Trainer:
                                 phase="", reward=float("nan"), score="-")
             done = self.start_epoch
             for epoch in range(self.start_epoch, cfg.epochs):
-                t0 = time.perf_counter()
-                gen = epoch_generator(cfg.seed, epoch)
-                bar.update(task, phase="sample")
-                task_probs = self.curriculum.probs() if self.curriculum else None
-                # the whole epoch, same on every rank
-                prompts, group_ids, kinds = sample_prompts_with_tasks(cfg, epoch, task_probs)
-                self.policy.eval()
-                shared = self.algo.shared_groups(epoch, cfg.prompts_per_epoch, gen)
-                mine = slice(self.groups.start * cfg.group_size, self.groups.stop * cfg.group_size)
-                error = None
-                try:
-                    traj, rewards, details = self.sample_and_score(prompts[mine], group_ids[mine], gen,
-                                                                   None if shared is None else shared[self.groups])
-                except Exception as e:  # raised on every rank below, so none waits at a collective
-                    error = e
-                raise_if_any_failed(error)
-                t_sampled = time.perf_counter()
-                # statistics over the whole epoch: every rank's rewards, in the single-process order
-                rewards_all = all_gather_tensor(rewards.cpu())
-                details = {k: all_gather_tensor(v.cpu()) for k, v in details.items()}
-                shared_all = all_gather_tensor(traj.shared_noise.cpu())
-                self._log_granularity(epoch + 1, prompts, group_ids, shared_all)
-                bar.update(task, phase="update")
-                adv, adv_metrics = self.algo.advantages(rewards_all, group_ids, prompts,
-                                                        **per_reward_inputs(self.reward, details,
-                                                                            cfg.grpo.reward_normalization))
-                adv = adv[mine]
-                if self.curriculum is not None:  # from every rank's rewards: the same on all ranks
-                    self.curriculum.update(kinds, rewards_all, group_ids)
-                self.policy.train()
-                for group in self.optimizer.param_groups:
-                    group["lr"] = epoch_lr(cfg, epoch)
-                update_gen = gen if self.world.rank == 0 else epoch_generator(cfg.seed, epoch, self.world.rank)
-                metrics = _mean_over_ranks(self.algo.update(self.policy, self.optimizer, traj, adv, update_gen))
-                check_in_sync(self.policy.trainable_parameters())
-                if cfg.ema_decay > 0:
-                    self.policy.ema_snapshot("ema", cfg.ema_decay)
-                t1 = time.perf_counter()
-                self.train_time += t1 - t0
+                row = self.step_epoch(epoch, on_phase=lambda phase: bar.update(task, phase=phase))
                 done = epoch + 1
-                row = {"reward": float(rewards_all.mean()), "train_time_s": self.train_time, "lr": epoch_lr(cfg, epoch),
-                       "time/sample_s": t_sampled - t0, "time/update_s": t1 - t_sampled,
-                       "dgr/coarse_fraction": float((~shared_all).float().mean()), **adv_metrics,
-                       **{f"reward/{k}": float(v.mean()) for k, v in details.items()}, **metrics}
-                if task_probs is not None:
-                    row |= {f"task_prob/{t}": p for t, p in task_probs.items()}
                 out_of_time = cfg.max_train_minutes is not None and self.train_time >= 60 * cfg.max_train_minutes
                 out_of_time = broadcast_object(out_of_time)  # rank 0's clock decides for all
                 last = done == cfg.epochs or out_of_time
