@@ -266,3 +266,16 @@ def test_policy_gradient_climbs_a_prompt_dependent_reward(tmp_path, tiny_model):
     # a random tiny UNet reads its text weakly, so the prompt-dependent part moves less than
     # plain brightness does (measured +0.059 / -0.028 after 12 epochs); the gap is what conditioning buys
     assert moved["red"] > 0.01 and moved["blue"] < -0.01 and moved["red"] - moved["blue"] > 0.03, moved
+
+
+def test_step_epoch_is_the_training_loop_s_epoch(tmp_path, tiny_model):
+    """Calling step_epoch for each epoch trains exactly as train() does (same losses, same weights)."""
+    looped = Trainer(_cfg(tiny_model, "epochs=2", "eval.every=0"), tmp_path / "loop")
+    looped.train()
+    stepped = Trainer(_cfg(tiny_model, "epochs=2", "eval.every=0"), tmp_path / "step")
+    rows = [stepped.step_epoch(e) for e in range(2)]
+    logged = [r for r in read_metrics(tmp_path / "loop" / "metrics.jsonl") if "policy_loss" in r]
+    assert [(r["policy_loss"], r["reward"]) for r in rows] == [(r["policy_loss"], r["reward"]) for r in logged]
+    assert stepped.train_time > 0 and rows[1]["train_time_s"] == stepped.train_time
+    a, b = looped.policy.trainable_parameters(), stepped.policy.trainable_parameters()
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
