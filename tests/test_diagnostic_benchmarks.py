@@ -121,3 +121,19 @@ def test_best_of_n_controls(tmp_path, tiny_model, mode):
         assert 0 < last["kept_images"] <= 8
     else:
         assert 0 <= last["kept_images"] <= 8
+
+
+def test_plot_ladder_draws_each_run_and_rejects_other_json(tmp_path):
+    rows = [{"rollout_images": 0, "train_s": 0.0, "score": 0.3}, {"rollout_images": 64, "train_s": 30.0, "score": 0.4}]
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"evaluations": rows}))
+    bench = load_benchmark("plot_ladder")
+    assert bench.load_curve(tmp_path / "a.json") == ([0, 64], [0.0, 0.5], [0.3, 0.4])
+    out = bench.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--labels", "A,B",
+                      "--out", str(tmp_path / "fig" / "c.png")])
+    assert out.stat().st_size > 1000
+    (tmp_path / "bad.json").write_text(json.dumps({"evaluations": [{"score": 0.3}]}))
+    with pytest.raises(SystemExit, match="lack"):
+        bench.load_curve(tmp_path / "bad.json")
+    with pytest.raises(SystemExit):  # one label per file
+        bench.main([str(tmp_path / "a.json"), "--labels", "A,B", "--out", str(tmp_path / "d.png")])
