@@ -13,6 +13,8 @@ control: the same loop on fresh renderer images of the prompts (the pretraining 
 kept), i.e. how fast the model learns these prompts from perfect samples; ``--renders-for-kept``
 keeps the best-of-N batches (same count, same prompts) but trains on a fresh render of each
 passing sample's prompt, separating what the samples contain from how many there are.
+``--dpo-beta B`` replaces the fit by a Diffusion-DPO step (β = B) on pairs of a passing and a
+failing sample of the same prompt, against the reference: an anchor on the same samples.
 Every ``--every`` iterations it judges ``--images`` fresh images per prompt with the standard
 evaluation sampler (Euler ODE, 20 steps, CFG ``--eval-cfg``; the same seeds each time).
 
@@ -52,7 +54,50 @@ def training_data(args) -> str:
         return "renders"
     if args.renders_for_kept:
         return "renders in place of the passing samples"
+    if args.dpo_beta > 0:
+        return f"Diffusion-DPO on own (passing, failing) pairs, beta {args.dpo_beta:g}"
     return "own passing samples, snapped" if args.snap else "own passing samples"
+
+
+def dpo_pairs(prompts: list[str], passed: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(winners, losers)``: each passing sample paired with a random failing sample of
+    the same prompt (prompts with no failing sample give no pair)."""
+    wins, losses = [], []
+    for p in dict.fromkeys(prompts):
+        idx = torch.tensor([i for i, q in enumerate(prompts) if q == p])
+        w, lo = idx[passed[idx]], idx[~passed[idx]]
+        if len(w) and len(lo):
+            wins.append(w)
+            losses.append(lo[torch.randint(len(lo), (len(w),), generator=generator)])
+    empty = torch.zeros(0, dtype=torch.long)
+    return (torch.cat(wins), torch.cat(losses)) if wins else (empty, empty)
+
+
+def dpo_step(policy, optimizer, x_w: torch.Tensor, x_l: torch.Tensor, prompts: list[str], *, beta: float,
+             sigma_min: float, generator: torch.Generator) -> float:
+    """One Diffusion-DPO step on own samples: winner and loser re-noised with the same ``(σ, ε)``,
+    flow-matching errors of the policy and of the reference (adapters off); the loss is
+    :func:`~diffalign.algorithms.diffusion_dpo_loss`. Relative to the reference on the same
+    sample, so what winners and losers share (the sampler's own artifacts) cancels."""
+    from diffalign.algorithms import diffusion_dpo_loss, flow_matching_error
+
+    n = len(x_w)
+    sigma = sigma_min + (1 - sigma_min) * torch.rand(n, generator=generator)
+    eps = torch.randn(x_w.shape, generator=generator)
+    s = sigma.view(-1, 1, 1, 1)
+    x = torch.cat([x_w, x_l])
+    x_t = (1 - s.repeat(2, 1, 1, 1)) * x + s.repeat(2, 1, 1, 1) * torch.cat([eps, eps])
+    sig2, cond = sigma.repeat(2), policy.encode(prompts + prompts)
+    target = torch.cat([eps, eps]) - x
+    err = flow_matching_error(policy.predict(x_t, sig2, cond), target)
+    with torch.no_grad(), policy.reference():
+        ref = flow_matching_error(policy.predict(x_t, sig2, cond), target)
+    loss, _ = diffusion_dpo_loss(err[:n], ref[:n], err[n:], ref[n:], beta)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+    optimizer.step()
+    return float(loss.detach())
 
 
 def best_of_n_step(policy, optimizer, x0: torch.Tensor, prompts: list[str], *, sigma_min: float,
@@ -93,12 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
                            "sample's prompt instead of the sample (same batch size and prompt mix as best-of-N)")
     data.add_argument("--renders", action="store_true",
                       help="control: train on fresh renderer images of the prompts instead of own passing samples")
+    ap.add_argument("--dpo-beta", type=float, default=0.0,
+                    help="> 0: instead of fitting the passing samples, a Diffusion-DPO step with this beta on "
+                         "pairs (a passing sample, a failing one of the same prompt) against the reference")
     ap.add_argument("--grid", default=None, help="save a grid of the final evaluation's first 8 images per prompt")
     ap.add_argument("--json", default=None)
     ap.add_argument("--summary", default=None, help="summary JSON to update (e.g. docs/results/learning.json)")
     ap.add_argument("--summary-key", default="best_of_n", help="key (a/b nests) of this run in --summary")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = ap.parse_args(argv)
+    if args.dpo_beta > 0 and (args.snap or args.renders or args.renders_for_kept):
+        ap.error("--dpo-beta pairs own passing and failing samples; it does not combine with --snap or --renders*")
 
     from diffalign.cli import resolve_preset
     from diffalign.config import load_config
@@ -155,7 +205,13 @@ def main(argv: list[str] | None = None) -> dict:
                 seeds = [it * len(batch) + i for i in range(len(kept))]
                 x0 = policy.encode_images(render_batch(kept, seeds, policy.image_size))
             for _ in range(args.steps_per_iter):
-                best_of_n_step(policy, optimizer, x0, kept, sigma_min=args.sigma_min, generator=gen)
+                if args.dpo_beta > 0:
+                    w, lo = dpo_pairs(batch, passed, gen)
+                    if len(w):
+                        dpo_step(policy, optimizer, latents[w], latents[lo], [batch[i] for i in w.tolist()],
+                                 beta=args.dpo_beta, sigma_min=args.sigma_min, generator=gen)
+                else:
+                    best_of_n_step(policy, optimizer, x0, kept, sigma_min=args.sigma_min, generator=gen)
         t_train += time.perf_counter() - t0
         if it % args.every == 0 or it == args.iters:
             evaluate(it, float(passed.float().mean()))
@@ -168,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_grid(generate(policy, shown, [10_000 + i % 8 for i in range(len(shown))], cfg=args.eval_cfg), args.grid)
     out = {"preset": args.preset, "overrides": args.set, "prompts": prompts, "sigma_min": args.sigma_min,
            "lr": args.lr, "eval_cfg": args.eval_cfg, "renders": args.renders, "snap": args.snap,
-           "renders_for_kept": args.renders_for_kept, "group": args.group,
+           "renders_for_kept": args.renders_for_kept, "dpo_beta": args.dpo_beta, "group": args.group,
            "steps_per_iter": args.steps_per_iter, "eval_images": args.images,
            "evaluations": rows}
     if args.summary:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from tiny import load_benchmark, tiny_unet
 
 from diffalign.models.checkpoint import save_unet
@@ -11,8 +12,6 @@ from diffalign.models.checkpoint import save_unet
 @pytest.fixture(autouse=True)
 def _keep_thread_count():
     """The benchmarks set torch's thread count; later tests compare float results across processes."""
-    import torch
-
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
@@ -137,3 +136,19 @@ def test_plot_ladder_draws_each_run_and_rejects_other_json(tmp_path):
         bench.load_curve(tmp_path / "bad.json")
     with pytest.raises(SystemExit):  # one label per file
         bench.main([str(tmp_path / "a.json"), "--labels", "A,B", "--out", str(tmp_path / "d.png")])
+
+
+def test_best_of_n_dpo_pairs_a_passing_with_a_failing_sample_of_its_prompt(tmp_path):
+    bench = load_benchmark("best_of_n")
+    prompts = ["a", "a", "a", "b", "b", "c", "c"]
+    passed = torch.tensor([True, False, True, True, True, False, True])
+    w, lo = bench.dpo_pairs(prompts, passed, torch.Generator().manual_seed(0))
+    assert w.tolist() == [0, 2, 6] and lo.tolist() == [1, 1, 5]  # "b" has no failing sample: no pair
+    # a short DPO run on the shipped base: pairs form and the policy moves without collapsing the run
+    (tmp_path / "p.txt").write_text("four blue circles\n")
+    out = bench.main(["--prompts", str(tmp_path / "p.txt"), "--iters", "2", "--every", "2", "--group", "8",
+                      "--images", "2", "--threads", "1", "--eval-cfg", "1", "--dpo-beta", "1000", "--lr", "1e-3",
+                      "--set", "rollout.guidance_scale=1", "--set", "rollout.sampler=ode", "--set", "rollout.steps=4"])
+    assert out["dpo_beta"] == 1000 and out["evaluations"][-1]["kept_images"] > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--prompts", str(tmp_path / "p.txt"), "--dpo-beta", "1", "--snap"])
