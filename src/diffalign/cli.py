@@ -93,26 +93,9 @@ def resolve_preset(name: str) -> Path:
     raise DiffalignError(f"preset {name!r} not found; give a YAML path or one of: {', '.join(known)}")
 
 
-def _train_classes(source: Path, overrides: list[str]):
-    """(config class, trainer class) for the ``algorithm`` that overrides or a preset / run config
-    name: the preference family goes to the preference trainer, the rest to the RL trainer."""
-    from diffalign.training.preference import (
-        PREFERENCE_ALGORITHMS,
-        PreferenceConfig,
-        PreferenceTrainer,
-        preset_algorithm,
-    )
-    from diffalign.training.trainer import TrainConfig, Trainer
-
-    given = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0].strip() == "algorithm"]
-    algorithm = given[-1] if given else preset_algorithm(source)
-    if algorithm in PREFERENCE_ALGORITHMS:
-        return PreferenceConfig, PreferenceTrainer
-    return TrainConfig, Trainer
-
-
 def _cmd_train(args) -> int:
     from diffalign.config import load_config
+    from diffalign.training.registry import train_classes
 
     presets = [i for i in args.items if "=" not in i]
     args.overrides = [i for i in args.items if "=" in i]
@@ -125,14 +108,14 @@ def _cmd_train(args) -> int:
         run = Path(args.resume)
         if not (run / "config.yaml").exists():
             raise DiffalignError(f"--resume {run}: not a run directory (no config.yaml)")
-        config_cls, trainer_cls = _train_classes(run / "config.yaml", args.overrides)
+        config_cls, trainer_cls = train_classes(run / "config.yaml", args.overrides)
         cfg = load_config(config_cls, run / "config.yaml", args.overrides)
         trainer = trainer_cls(cfg, run, resume=True)
     else:
         if not args.preset:
             raise DiffalignError("give a preset, e.g. 'diffalign train flow_grpo', or --resume RUN_DIR")
         preset = resolve_preset(args.preset)
-        config_cls, trainer_cls = _train_classes(preset, args.overrides)
+        config_cls, trainer_cls = train_classes(preset, args.overrides)
         cfg = load_config(config_cls, preset, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / f"{preset.stem}-seed{cfg.seed}"
         trainer = trainer_cls(cfg, out)

@@ -84,11 +84,11 @@ def _with_defaults(path: Path) -> dict:
     of the same settings instead of showing as a different configuration. A config this
     version cannot read (a removed or renamed field) is compared as saved.
     """
-    from diffalign.cli import _train_classes
     from diffalign.config import config_to_dict, load_config
+    from diffalign.training.registry import train_classes
 
     try:
-        config_cls, _ = _train_classes(path, [])
+        config_cls, _ = train_classes(path, [])
         return config_to_dict(load_config(config_cls, path))
     except Exception:  # noqa: BLE001 - an old or foreign config is still comparable as written
         return load_yaml(path) or {}
