@@ -15,6 +15,9 @@ keeps the best-of-N batches (same count, same prompts) but trains on a fresh ren
 passing sample's prompt, separating what the samples contain from how many there are.
 ``--dpo-beta B`` replaces the fit by a Diffusion-DPO step (β = B) on pairs of a passing and a
 failing sample of the same prompt, against the reference: an anchor on the same samples.
+``--replay N`` adds N renders of *other* training prompts to every step (data replay: the
+pretraining loss beside the fit, an anchor to the training distribution that tells nothing
+about the run's own prompts); ``--replay-only`` is its control, the replay alone.
 Every ``--every`` iterations it judges ``--images`` fresh images per prompt with the standard
 evaluation sampler (Euler ODE, 20 steps, CFG ``--eval-cfg``; the same seeds each time).
 
@@ -141,14 +144,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dpo-beta", type=float, default=0.0,
                     help="> 0: instead of fitting the passing samples, a Diffusion-DPO step with this beta on "
                          "pairs (a passing sample, a failing one of the same prompt) against the reference")
+    ap.add_argument("--replay", type=int, default=0,
+                    help="data replay: add this many renders of other training prompts (not the run's) to every "
+                         "step's batch, the pretraining loss beside the fit")
+    ap.add_argument("--replay-only", action="store_true",
+                    help="control for --replay: train on the replay renders alone (no own samples)")
     ap.add_argument("--grid", default=None, help="save a grid of the final evaluation's first 8 images per prompt")
     ap.add_argument("--json", default=None)
     ap.add_argument("--summary", default=None, help="summary JSON to update (e.g. docs/results/learning.json)")
     ap.add_argument("--summary-key", default="best_of_n", help="key (a/b nests) of this run in --summary")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = ap.parse_args(argv)
-    if args.dpo_beta > 0 and (args.snap or args.renders or args.renders_for_kept):
-        ap.error("--dpo-beta pairs own passing and failing samples; it does not combine with --snap or --renders*")
+    if args.replay_only and not args.replay:
+        ap.error("--replay-only needs --replay N (the number of replay renders per step)")
+    if args.dpo_beta > 0 and (args.snap or args.renders or args.renders_for_kept or args.replay):
+        ap.error("--dpo-beta pairs own passing and failing samples; it does not combine with --snap, --renders* "
+                 "or --replay")
 
     from diffalign.cli import resolve_preset
     from diffalign.config import load_config
@@ -157,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffalign.sampling.clean import sample_clean
     from diffalign.training.prompts import read_prompt_file
     from diffalign.training.trainer import TrainConfig
+    from diffalign.world.grammar import prompt_splits
     from diffalign.world.render import render_batch
     from diffalign.world.verify import snap_to_palette, verify_batch
 
@@ -168,14 +180,16 @@ def main(argv: list[str] | None = None) -> dict:
                           lora_alpha=cfg.lora_alpha, options=cfg.model_options)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=0.0)
     prompts = read_prompt_file(args.prompts)
+    others = [p for task in prompt_splits()["train"].values() for p in task if p not in prompts] if args.replay else []
     gen = torch.Generator().manual_seed(args.seed)
     batch = [p for p in prompts for _ in range(args.group)]
     gids = torch.arange(len(prompts)).repeat_interleave(args.group)
-    rows, images, kept_total, t_train = [], 0, 0, 0.0
+    rows, images, kept_total, t_train, steps_taken = [], 0, 0, 0.0, 0
 
     def evaluate(it: int, pass_rate: float | None) -> None:
         policy.eval()
-        row = {"iter": it, "rollout_images": images, "kept_images": kept_total, "train_s": round(t_train, 1),
+        row = {"iter": it, "rollout_images": images, "kept_images": kept_total, "optimizer_steps": steps_taken,
+               "train_s": round(t_train, 1),
                "rollout_pass_rate": pass_rate, **evaluate_fixed(policy, prompts, args.images, cfg=args.eval_cfg)}
         rows.append(row)
         print(f"iter {it:3d}  images {images:5d}  kept {kept_total:5d}  score {row['score']:.3f}  "
@@ -194,9 +208,11 @@ def main(argv: list[str] | None = None) -> dict:
             samples = sample_clean(policy, batch, gids, cfg.rollout, generator=gen)
             latents = samples.latents
             passed = torch.tensor([v.score == 1.0 for v in verify_batch(samples.images, batch)])
+        if args.replay_only:  # nothing of the rollout is trained on
+            passed = torch.zeros_like(passed)
         images += len(batch)
         kept_total += int(passed.sum())
-        if passed.any():
+        if passed.any() or args.replay:
             policy.train()
             x0, kept = latents[passed], [p for p, ok in zip(batch, passed.tolist(), strict=True) if ok]
             if args.snap:
@@ -204,14 +220,22 @@ def main(argv: list[str] | None = None) -> dict:
             if args.renders_for_kept:
                 seeds = [it * len(batch) + i for i in range(len(kept))]
                 x0 = policy.encode_images(render_batch(kept, seeds, policy.image_size))
+            if args.replay:
+                pick = torch.randint(len(others), (args.replay,), generator=gen).tolist()
+                extra = [others[i] for i in pick]
+                seeds = [10**6 + it * args.replay + i for i in range(args.replay)]
+                x0 = torch.cat([x0, policy.encode_images(render_batch(extra, seeds, policy.image_size))])
+                kept = kept + extra
             for _ in range(args.steps_per_iter):
                 if args.dpo_beta > 0:
                     w, lo = dpo_pairs(batch, passed, gen)
                     if len(w):
                         dpo_step(policy, optimizer, latents[w], latents[lo], [batch[i] for i in w.tolist()],
                                  beta=args.dpo_beta, sigma_min=args.sigma_min, generator=gen)
+                        steps_taken += 1
                 else:
                     best_of_n_step(policy, optimizer, x0, kept, sigma_min=args.sigma_min, generator=gen)
+                    steps_taken += 1
         t_train += time.perf_counter() - t0
         if it % args.every == 0 or it == args.iters:
             evaluate(it, float(passed.float().mean()))
@@ -224,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
         save_grid(generate(policy, shown, [10_000 + i % 8 for i in range(len(shown))], cfg=args.eval_cfg), args.grid)
     out = {"preset": args.preset, "overrides": args.set, "prompts": prompts, "sigma_min": args.sigma_min,
            "lr": args.lr, "eval_cfg": args.eval_cfg, "renders": args.renders, "snap": args.snap,
-           "renders_for_kept": args.renders_for_kept, "dpo_beta": args.dpo_beta, "group": args.group,
+           "renders_for_kept": args.renders_for_kept, "dpo_beta": args.dpo_beta, "replay": args.replay,
+           "replay_only": args.replay_only, "group": args.group,
            "steps_per_iter": args.steps_per_iter, "eval_images": args.images,
            "evaluations": rows}
     if args.summary:

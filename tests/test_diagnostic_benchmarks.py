@@ -152,3 +152,20 @@ def test_best_of_n_dpo_pairs_a_passing_with_a_failing_sample_of_its_prompt(tmp_p
     assert out["dpo_beta"] == 1000 and out["evaluations"][-1]["kept_images"] > 0
     with pytest.raises(SystemExit):
         bench.main(["--prompts", str(tmp_path / "p.txt"), "--dpo-beta", "1", "--snap"])
+
+
+@pytest.mark.parametrize("only", [False, True])
+def test_best_of_n_replay_trains_on_renders_of_other_prompts(tmp_path, tiny_model, only):
+    """--replay adds renders of other training prompts to every step (a random tiny model passes
+    nothing, so those alone move it); --replay-only trains on them and on nothing of the rollout."""
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    out = load_benchmark("best_of_n").main([
+        "--prompts", str(tmp_path / "p.txt"), "--iters", "1", "--every", "1", "--group", "4", "--images", "2",
+        "--threads", "1", "--eval-cfg", "1", "--replay", "4", *(["--replay-only"] if only else []),
+        "--set", f"model={tiny_model}", "--set", "lora_rank=0", "--set", "rollout.steps=2",
+        "--set", "rollout.guidance_scale=1"])
+    last = out["evaluations"][-1]
+    assert out["replay"] == 4 and out["replay_only"] is only and last["kept_images"] == 0
+    assert last["optimizer_steps"] == 2  # both steps of the iteration ran, on the replay renders alone
+    with pytest.raises(SystemExit):
+        load_benchmark("best_of_n").main(["--prompts", str(tmp_path / "p.txt"), "--replay-only"])
