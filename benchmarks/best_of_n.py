@@ -59,7 +59,10 @@ def training_data(args) -> str:
         return "renders in place of the passing samples"
     if args.dpo_beta > 0:
         return f"Diffusion-DPO on own (passing, failing) pairs, beta {args.dpo_beta:g}"
-    return "own passing samples, snapped" if args.snap else "own passing samples"
+    own = "own passing samples, snapped" if args.snap else "own passing samples"
+    if args.replay:
+        return f"{args.replay} replay renders per step" + ("" if args.replay_only else f" + {own}")
+    return own
 
 
 def dpo_pairs(prompts: list[str], passed: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,47 +79,48 @@ def dpo_pairs(prompts: list[str], passed: torch.Tensor, generator: torch.Generat
     return (torch.cat(wins), torch.cat(losses)) if wins else (empty, empty)
 
 
+def _draw_noise(x0: torch.Tensor, sigma_min: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``σ ~ U(sigma_min, 1)`` per sample and ``ε ~ N(0, I)`` shaped like ``x0``."""
+    sigma = sigma_min + (1 - sigma_min) * torch.rand(len(x0), generator=generator)
+    return sigma, torch.randn(x0.shape, generator=generator)
+
+
+def _optimizer_step(optimizer, loss: torch.Tensor) -> float:
+    """Backward, clip the gradient norm to 1, step; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+    optimizer.step()
+    return float(loss.detach())
+
+
 def dpo_step(policy, optimizer, x_w: torch.Tensor, x_l: torch.Tensor, prompts: list[str], *, beta: float,
              sigma_min: float, generator: torch.Generator) -> float:
     """One Diffusion-DPO step on own samples: winner and loser re-noised with the same ``(σ, ε)``,
     flow-matching errors of the policy and of the reference (adapters off); the loss is
     :func:`~diffalign.algorithms.diffusion_dpo_loss`. Relative to the reference on the same
     sample, so what winners and losers share (the sampler's own artifacts) cancels."""
-    from diffalign.algorithms import diffusion_dpo_loss, flow_matching_error
+    from diffalign.algorithms import diffusion_dpo_loss, flow_matching_error, forward_noising
 
     n = len(x_w)
-    sigma = sigma_min + (1 - sigma_min) * torch.rand(n, generator=generator)
-    eps = torch.randn(x_w.shape, generator=generator)
-    s = sigma.view(-1, 1, 1, 1)
-    x = torch.cat([x_w, x_l])
-    x_t = (1 - s.repeat(2, 1, 1, 1)) * x + s.repeat(2, 1, 1, 1) * torch.cat([eps, eps])
+    sigma, eps = _draw_noise(x_w, sigma_min, generator)
+    x_t, target = forward_noising(torch.cat([x_w, x_l]), sigma.repeat(2), torch.cat([eps, eps]))
     sig2, cond = sigma.repeat(2), policy.encode(prompts + prompts)
-    target = torch.cat([eps, eps]) - x
     err = flow_matching_error(policy.predict(x_t, sig2, cond), target)
     with torch.no_grad(), policy.reference():
         ref = flow_matching_error(policy.predict(x_t, sig2, cond), target)
     loss, _ = diffusion_dpo_loss(err[:n], ref[:n], err[n:], ref[n:], beta)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-    optimizer.step()
-    return float(loss.detach())
+    return _optimizer_step(optimizer, loss)
 
 
 def best_of_n_step(policy, optimizer, x0: torch.Tensor, prompts: list[str], *, sigma_min: float,
                    generator: torch.Generator) -> float:
     """One flow-matching step on clean samples ``x0`` with ``σ ~ U(sigma_min, 1)``; returns the loss."""
-    n = len(x0)
-    sigma = sigma_min + (1 - sigma_min) * torch.rand(n, generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
-    s = sigma.view(-1, 1, 1, 1)
-    x_t = (1 - s) * x0 + s * eps
-    loss = (policy.predict(x_t, sigma, policy.encode(prompts)) - (eps - x0)).pow(2).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-    optimizer.step()
-    return float(loss.detach())
+    from diffalign.algorithms import forward_noising
+
+    sigma, eps = _draw_noise(x0, sigma_min, generator)
+    x_t, target = forward_noising(x0, sigma, eps)
+    return _optimizer_step(optimizer, (policy.predict(x_t, sigma, policy.encode(prompts)) - target).pow(2).mean())
 
 
 def main(argv: list[str] | None = None) -> dict:

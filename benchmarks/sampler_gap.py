@@ -109,15 +109,17 @@ def sample_distance(policy, x0: torch.Tensor, prompts: list[str], *, batch: int 
     """How far samples ``x0`` (latents in [−1, 1]) lie from the model's training data: the
     conditional flow-matching loss at each σ of ``FM_SIGMAS`` (fixed ε), the fraction of pixels
     beyond the data range by more than 0.02, and the median absolute Laplacian."""
+    from diffalign.algorithms import flow_matching_error, forward_noising
+
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(x0.shape, generator=g)
     out = {}
     for sigma in FM_SIGMAS:
         losses = []
         for i in range(0, len(x0), batch):
-            xb, eb = x0[i:i + batch], eps[i:i + batch]
-            v = policy.predict((1 - sigma) * xb + sigma * eb, sigma, policy.encode(prompts[i:i + batch]))
-            losses.append((v - (eb - xb)).pow(2).flatten(1).mean(1))
+            x_t, target = forward_noising(x0[i:i + batch], sigma, eps[i:i + batch])
+            v = policy.predict(x_t, sigma, policy.encode(prompts[i:i + batch]))
+            losses.append(flow_matching_error(v, target))
         out[f"fm_loss@{sigma:g}"] = float(torch.cat(losses).mean())
     out["out_of_range"] = float((x0.abs() > 1.02).float().mean())
     lap = 4 * x0[..., 1:-1, 1:-1] - x0[..., :-2, 1:-1] - x0[..., 2:, 1:-1] - x0[..., 1:-1, :-2] - x0[..., 1:-1, 2:]
