@@ -4,6 +4,13 @@ The forward-process family (ALGORITHMS.md §3) re-noises each clean sample ``x0`
 ``σ`` with fresh ``ε`` and learns from velocity predictions there; any sampler may produce the
 clean samples. :func:`forward_noising` and :func:`sample_training_sigmas` are shared with CRD.
 
+:func:`nft_loss` reads as the paper's equation, with :func:`implicit_policies` (``v±``) and
+:func:`clean_estimate_error` (``x̂0± − x0``) for its parts and the adaptive weighting of
+:mod:`~diffalign.algorithms.per_sample`. When ``v_θ == v_old`` in value and ``r01 = 1`` the loss
+is ``(5/β)·mean_i σ_i·mean(v_θ − v*)²_i / mean|v_θ − v*|_i``, an adaptively weighted
+flow-matching loss whose gradient in ``v_θ`` does not depend on ``β``; with ``r01 = ½`` the two
+branches' gradients cancel there.
+
 All functions are pure: tensors in, tensors (and detached metrics) out.
 """
 
@@ -12,10 +19,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffalign.algorithms.crd import WEIGHT_MIN, _check_1d, _check_same_shape, _per_sample_mean, _work_dtype
+from diffalign.algorithms.per_sample import (
+    adaptive_weight,
+    check_1d,
+    check_same_shape,
+    weighted_sq_error,
+    work_dtype,
+)
 from diffalign.sampling.steps import time_shift
 
-__all__ = ["forward_noising", "nft_loss", "sample_training_sigmas"]
+__all__ = [
+    "clean_estimate_error",
+    "forward_noising",
+    "implicit_policies",
+    "nft_loss",
+    "sample_training_sigmas",
+]
 
 SIGMA_MIN = 1e-3
 SIGMA_MAX = 1.0 - 1e-3
@@ -45,8 +64,8 @@ def forward_noising(x0: Tensor, sigma: Tensor | float, noise: Tensor) -> tuple[T
     Returns:
         ``(x_t, v_target)``, both ``(B, ...)``. ``x_t − σ·v_target == x0`` (up to rounding).
     """
-    _check_same_shape(x0=x0, noise=noise)
-    dtype = _work_dtype(x0)
+    check_same_shape(x0=x0, noise=noise)
+    dtype = work_dtype(x0)
     x0, noise = x0.to(dtype), noise.to(dtype)
     s = _bcast_sigma(sigma, x0)
     return (1.0 - s) * x0 + s * noise, noise - x0
@@ -85,6 +104,31 @@ def sample_training_sigmas(
     return sigma.clamp(SIGMA_MIN, SIGMA_MAX)
 
 
+def implicit_policies(v_theta: Tensor, v_old: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """DiffusionNFT's implicit positive and negative policies, ``(v⁺, v⁻)``::
+
+        v⁺ = β·v_θ + (1−β)·v_old        v⁻ = (1+β)·v_old − β·v_θ
+
+    They mirror each other about ``v_old``: ``v⁺ − v_old = β·(v_θ − v_old) = v_old − v⁻``.
+    """
+    return beta * v_theta + (1.0 - beta) * v_old, (1.0 + beta) * v_old - beta * v_theta
+
+
+def clean_estimate_error(x_t: Tensor, sigma: Tensor, velocity: Tensor, x0: Tensor) -> Tensor:
+    """``x̂0 − x0`` with the clean estimate ``x̂0 = x_σ − σ·v``; ``sigma`` broadcasts against ``x_t``."""
+    return x_t - sigma * velocity - x0
+
+
+@torch.no_grad()
+def _nft_metrics(loss: Tensor, pos: Tensor, neg: Tensor, v_theta: Tensor, v_old: Tensor) -> dict[str, Tensor]:
+    return {
+        "loss": loss.detach(),
+        "positive_loss": pos.detach().mean(),
+        "negative_loss": neg.detach().mean(),
+        "old_deviation": ((v_theta.detach() - v_old) ** 2).mean(),
+    }
+
+
 def nft_loss(
     v_theta: Tensor,
     v_old: Tensor,
@@ -104,17 +148,10 @@ def nft_loss(
         w±   = sg(per-sample mean |x̂0± − x0|) clamped ≥ 1e-5
         L    = 5 · mean_i [ r01_i · ‖x̂0⁺ − x0‖²_i / w⁺_i / β + (1 − r01_i) · ‖x̂0⁻ − x0‖²_i / w⁻_i / β ]
 
-    ``‖·‖²_i`` is read as the **per-sample mean** of the squared error over all non-batch
-    dimensions (not the sum): that is what the authors' code computes
-    (``((x0_pred − x0)**2 / w).mean(dim=1..)``), it matches the denominator ``w`` (also a
-    per-sample mean) so the ratio is resolution-independent, and it is the reduction every
-    other per-sample error in this package uses. The factor 5 is DiffusionNFT's
-    ``adv_clip_max``.
-
-    ``v_old`` is a constant (detached). When ``v_θ == v_old`` in value and ``r01 = 1`` the loss is
-    ``(5/β)·mean_i σ_i·mean(v_θ − v*)²_i / mean|v_θ − v*|_i``, an adaptively weighted
-    flow-matching loss whose gradient in ``v_θ`` does not depend on ``β``; with ``r01 = ½`` the
-    two branches' gradients cancel there.
+    ``‖·‖²_i`` is the **per-sample mean** of the squared error, as in the authors' code and
+    like the weight ``w``, so the ratio is resolution-independent. The factor 5 is
+    DiffusionNFT's ``adv_clip_max``. ``v_old`` is a constant; see the module docstring for the
+    loss at ``v_θ == v_old``.
 
     Args:
         v_theta: ``(B, ...)`` policy velocity at ``(x_σ, σ, c)`` (with gradient).
@@ -132,33 +169,17 @@ def nft_loss(
     """
     if not beta > 0:
         raise ValueError(f"beta must be > 0 (the loss divides by it); got {beta}")
-    _check_same_shape(v_theta=v_theta, v_old=v_old, x_t=x_t, x0=x0)
-    batch = v_theta.shape[0]
+    check_same_shape(v_theta=v_theta, v_old=v_old, x_t=x_t, x0=x0)
     reward01 = torch.as_tensor(reward01, device=v_theta.device)
-    _check_1d(reward01, "reward01", batch)
-    dtype = _work_dtype(v_theta)
-    v_theta = v_theta.to(dtype)
-    v_old = v_old.detach().to(dtype)
+    check_1d(reward01, "reward01", v_theta.shape[0])
+    dtype = work_dtype(v_theta)
+    v_theta, v_old = v_theta.to(dtype), v_old.detach().to(dtype)
     x_t, x0 = x_t.detach().to(dtype), x0.detach().to(dtype)
-    r = reward01.detach().to(dtype)
-    s = _bcast_sigma(sigma, x0)
+    r, s = reward01.detach().to(dtype), _bcast_sigma(sigma, x0)
 
-    v_pos = beta * v_theta + (1.0 - beta) * v_old
-    v_neg = (1.0 + beta) * v_old - beta * v_theta
-    err_pos = x_t - s * v_pos - x0
-    err_neg = x_t - s * v_neg - x0
-    with torch.no_grad():
-        w_pos = _per_sample_mean(err_pos.abs()).clamp_min(WEIGHT_MIN)
-        w_neg = _per_sample_mean(err_neg.abs()).clamp_min(WEIGHT_MIN)
-    pos = _per_sample_mean(err_pos**2) / w_pos
-    neg = _per_sample_mean(err_neg**2) / w_neg
+    v_pos, v_neg = implicit_policies(v_theta, v_old, beta)
+    err_pos, err_neg = clean_estimate_error(x_t, s, v_pos, x0), clean_estimate_error(x_t, s, v_neg, x0)
+    pos = weighted_sq_error(err_pos, adaptive_weight(err_pos))
+    neg = weighted_sq_error(err_neg, adaptive_weight(err_neg))
     loss = NFT_LOSS_SCALE * (r * pos / beta + (1.0 - r) * neg / beta).mean()
-
-    with torch.no_grad():
-        metrics = {
-            "loss": loss.detach(),
-            "positive_loss": pos.detach().mean(),
-            "negative_loss": neg.detach().mean(),
-            "old_deviation": ((v_theta.detach() - v_old) ** 2).mean(),
-        }
-    return loss, metrics
+    return loss, _nft_metrics(loss, pos, neg, v_theta, v_old)
