@@ -9,9 +9,11 @@ them. ``load_config`` builds one from three layers, later ones winning key by ke
 3. ``key=value`` overrides from the command line, e.g. ``lr=1e-4``, ``model.channels=[32,64]``.
    Values are parsed as YAML scalars / flow collections.
 
-Every value is checked against its field's annotation. Unknown keys, wrong types and malformed
-overrides raise :class:`~diffalign.errors.ConfigError` naming the key, where it was set, what was
-expected and how to fix it.
+Every value is checked against its field's annotation, and a numeric field's value against the
+valid range its definition declares (``epochs: int = ranged(30, ge=1)``; :func:`ranged`). Unknown
+keys, wrong types, out-of-range values and malformed overrides raise
+:class:`~diffalign.errors.ConfigError` naming the key, where it was set, what was expected and how
+to fix it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -33,15 +36,20 @@ import yaml
 from diffalign.errors import ConfigError
 
 __all__ = [
+    "MAX_SEED",
     "MISSING",
+    "Range",
+    "check_ranges",
     "config_diff",
     "config_from_dict",
     "config_to_dict",
     "describe",
     "field_docs",
+    "field_range",
     "load_config",
     "load_yaml",
     "parse_override",
+    "ranged",
     "save_config",
 ]
 
@@ -297,6 +305,111 @@ _SCALARS: dict[Any, Any] = {
 }
 
 
+# --------------------------------------------------------------------------- valid ranges
+
+RANGE_KEY = "range"
+"""``dataclasses.field`` metadata key holding a numeric field's :class:`Range`."""
+MAX_SEED = 2**32 - 1
+"""Largest seed a config accepts (numpy's seed range; seeds are combined into larger draws)."""
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric config field: finite numbers within the given bounds
+    (``ge``/``gt`` below, ``le``/``lt`` above; None = unbounded). A tuple or list value is checked
+    item by item; None (an optional field left unset) always passes."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ge is not None and self.gt is not None) or (self.le is not None and self.lt is not None):
+            raise TypeError("a Range takes at most one lower bound (ge or gt) and one upper bound (le or lt)")
+
+    def __str__(self) -> str:
+        lo, hi = _first(self.ge, self.gt), _first(self.le, self.lt)
+        if lo is not None and hi is not None:
+            left, right = ("[" if self.ge is not None else "("), ("]" if self.le is not None else ")")
+            return f"in {left}{_num(lo)}, {_num(hi)}{right}"
+        if lo is not None:
+            return f"{'>=' if self.ge is not None else '>'} {_num(lo)}"
+        if hi is not None:
+            return f"{'<=' if self.le is not None else '<'} {_num(hi)}"
+        return "a finite number"
+
+    def contains(self, x: float) -> bool:
+        """Whether the number ``x`` is finite and within the bounds."""
+        return (math.isfinite(x) and (self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
+                and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
+
+
+def _first(a: float | None, b: float | None) -> float | None:
+    return a if a is not None else b
+
+
+def ranged(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose valid range lives in its definition, enforced whenever a config is
+    built from YAML or ``key=value`` (and by :func:`check_ranges`)::
+
+        epochs: int = ranged(30, ge=1)
+        lr: float = ranged(1e-4, gt=0)
+        rate: float = ranged(0.25, ge=0, le=1)
+    """
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={RANGE_KEY: Range(ge=ge, gt=gt, le=le, lt=lt)})
+
+
+def field_range(f: dataclasses.Field) -> Range | None:
+    """The :class:`Range` a field declares, or None."""
+    return f.metadata.get(RANGE_KEY)
+
+
+def _short_doc(cls: type, name: str) -> str:
+    doc = field_docs(cls).get(name, "").split("\n\n")[0]
+    doc = " ".join(doc.replace("``", "").split())
+    return f" ({doc.rstrip('.')})" if doc and len(doc) <= 90 else ""
+
+
+def _check_range(cls: type, f: dataclasses.Field, value: Any, key: str) -> None:
+    """Raise a _Problem when the coerced ``value`` of field ``f`` lies outside its declared range."""
+    rng = field_range(f)
+    if rng is None or value is None:
+        return
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    numbers = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    bad = [v for v in numbers if not rng.contains(v)]
+    if not bad:
+        return
+    each = " (each item)" if isinstance(value, (list, tuple)) else ""
+    finite = " (a finite number)" if not all(math.isfinite(v) for v in bad) else ""
+    raise _Problem(key, f"config key {key!r}{_short_doc(cls, f.name)} must be {rng}{each}{finite}, "
+                        f"got {_plain(value)!r}.")
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Check every field of a config instance (nested sections too) against its declared range;
+    :class:`ConfigError` names the first field out of range. ``load_config`` and
+    ``config_from_dict`` do this already; call it on configs made in Python."""
+    if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
+        raise TypeError(f"expected a config dataclass instance, got {cfg!r}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_ranges(value, f"{prefix}{f.name}.")
+            continue
+        try:
+            _check_range(type(cfg), f, value, prefix + f.name)
+        except _Problem as p:
+            raise ConfigError(p.message) from None
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -337,6 +450,7 @@ def _build(cls: type[T], data: Any, prefix: str = "", base: T | None = None) -> 
         if name in data:
             default = getattr(base, name) if base is not None else _field_default(f)
             kwargs[name] = _coerce(data[name], hints[name], prefix + name, default)
+            _check_range(cls, f, kwargs[name], prefix + name)
         elif base is None and _field_default(f) is dataclasses.MISSING:
             raise _Problem(prefix + name, f"config key {prefix + name!r} is required "
                                           f"({_type_name(hints[name])}); set it in the preset or "

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from diffalign.config import ranged
 from diffalign.errors import ConfigError
 from diffalign.sampling.rollout import Trajectory
 
@@ -53,9 +54,9 @@ class DGRConfig:
     mode: Literal["off", "epoch", "group"] = "off"
     """off: the rollout's own init_noise for every group; epoch: whole epochs coarse on a
     period; group: a fraction of every epoch's groups coarse."""
-    period: int = 40
+    period: int = ranged(40, ge=1)
     """P: schedule period in epochs (mode epoch)."""
-    rate: float = 0.25
+    rate: float = ranged(0.25, ge=0, le=1)
     """ρ: fraction of each period (mode epoch) or of each epoch's groups (mode group) that is coarse."""
 
     def __post_init__(self) -> None:
@@ -88,11 +89,11 @@ def dgr_shared_groups(config: DGRConfig, epoch: int, num_groups: int, generator:
 class CPGOConfig:
     """Consistent Policy Gradient Optimization."""
 
-    weight: float = 0.0
+    weight: float = ranged(0.0, ge=0)
     """λ (0 = off: no extra forward work and no random draws, so the update is plain GRPO)."""
-    sigma_gate: float = 0.6
+    sigma_gate: float = ranged(0.6, ge=0, le=1)
     """Apply only at steps with σ_k ≤ this."""
-    prob: float = 0.2
+    prob: float = ranged(0.2, ge=0, le=1)
     """Probability of applying it at a given (sample, step)."""
 
     def __post_init__(self) -> None:

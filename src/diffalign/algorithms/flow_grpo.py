@@ -38,6 +38,7 @@ from diffalign.algorithms.grpo import (
     ppo_clip_loss,
     zero_signal_fraction,
 )
+from diffalign.config import ranged
 from diffalign.errors import ConfigError
 from diffalign.sampling.rollout import Trajectory, recompute_step
 from diffalign.sampling.steps import flow_sde_noise_scale
@@ -51,13 +52,13 @@ Granularity = Callable[[int, int, torch.Generator], "Tensor | None"]
 class GRPOConfig:
     """PPO-clip update settings for the GRPO family."""
 
-    clip_range: float = 1e-4
+    clip_range: float = ranged(1e-4, gt=0)
     """PPO clip ε on the ratio of per-sample mean log-probs (Flow-GRPO: 1e-4)."""
-    beta_kl: float = 0.0
+    beta_kl: float = ranged(0.0, ge=0)
     """Weight β of the KL to the reference model (Flow-GRPO: 0.04; 0 skips the reference forward)."""
     adv_std: Literal["group", "global"] = "group"
     """Advantage normalisation: std over the prompt's group or over the whole rollout."""
-    adv_clip: float = 5.0
+    adv_clip: float = ranged(5.0, gt=0)
     """Advantages are clipped to ±adv_clip."""
     reward_normalization: Literal["sum", "per_reward"] = "sum"
     """``sum``: normalise the (weighted) reward. ``per_reward`` (needs ``reward: multi``): normalise
@@ -65,20 +66,20 @@ class GRPOConfig:
     advantage: Literal["group", "per_prompt_running"] = "group"
     """``group``: GRPO statistics of the current rollout. ``per_prompt_running``: DDPO's
     per-prompt running mean/std over past rollouts."""
-    running_buffer: int = 32
+    running_buffer: int = ranged(32, ge=1)
     """DDPO stat tracker: rewards kept per prompt."""
-    running_min_count: int = 16
+    running_min_count: int = ranged(16, ge=0)
     """DDPO stat tracker: below this many rewards for a prompt, use the batch statistics."""
-    train_fraction: float = 1.0
+    train_fraction: float = ranged(1.0, gt=0, le=1)
     """Fraction of each sample's stochastic steps trained on per inner epoch (Flow-GRPO: 0.99, DanceGRPO: 0.6)."""
-    minibatch_size: int = 32
+    minibatch_size: int = ranged(32, ge=1)
     """Samples per optimizer step (gradients accumulate over their steps)."""
-    micro_batch_size: int = 0
+    micro_batch_size: int = ranged(0, ge=0)
     """Samples per forward pass inside a minibatch (gradients accumulate; a memory knob for
     large models, the update is the same). 0 = the whole minibatch in one forward."""
-    inner_epochs: int = 1
+    inner_epochs: int = ranged(1, ge=1)
     """Passes over each rollout."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = ranged(1.0, gt=0)
     """Gradient-norm clip."""
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from diffalign.algorithms.decay import make_decay_schedule
+from diffalign.config import ranged
 from diffalign.errors import ConfigError
 
 __all__ = ["CRDConfig", "ForwardConfig", "NFTConfig"]
@@ -21,33 +22,33 @@ __all__ = ["CRDConfig", "ForwardConfig", "NFTConfig"]
 class ForwardConfig:
     """Settings shared by the forward-process updates (CRD, DiffusionNFT)."""
 
-    time_shift: float = 3.0
+    time_shift: float = ranged(3.0, gt=0)
     """Shift ``s`` of the training noise levels ``σ = s·u/(1 + (s−1)·u)``, ``u ~ U(0, 1)``
     (dimensionless; > 1 favours high noise) [3]."""
-    sigma_min: float = 0.0
+    sigma_min: float = ranged(0.0, ge=0, lt=1)
     """Lowest training noise level: the shifted ``σ`` is mapped onto ``[sigma_min, 1]``. Own
     samples differ from the training data most at low noise (residual pixel noise, ragged
     edges: ``benchmarks/sampler_gap.py --fm-loss``), and fitting them there feeds those
     artifacts back into the next rollout; ``0.5`` leaves them out (docs/results.md, tenth
     round). 0 = the published draw."""
-    timesteps_per_sample: int = 1
+    timesteps_per_sample: int = ranged(1, ge=1)
     """Fresh ``(σ, ε)`` draws per clean sample per optimizer step (gradients accumulate)."""
-    groups_per_step: int = 0
+    groups_per_step: int = ranged(0, ge=0)
     """Prompt groups per optimizer step (0 = every group of the rollout: one step per inner epoch)."""
-    groups_per_microbatch: int = 4
+    groups_per_microbatch: int = ranged(4, ge=1)
     """Prompt groups per forward pass (whole groups; a memory knob, gradients accumulate)."""
-    inner_epochs: int = 1
+    inner_epochs: int = ranged(1, ge=1)
     """Passes over each rollout."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = ranged(1.0, gt=0)
     """Gradient-norm clip."""
     adv_std: Literal["group", "global"] = "group"
     """Advantage normalisation before the ``[0, 1]`` map: std over the prompt's group or the rollout."""
-    adv_clip: float = 5.0
+    adv_clip: float = ranged(5.0, gt=0)
     """Advantages are clipped to ±adv_clip and mapped to ``r01 = A/(2·adv_clip) + 0.5``."""
-    beta_kl: float = 0.1
+    beta_kl: float = ranged(0.1, ge=0)
     """KL-anchor strength ``β_KL`` on the per-sample mean ``‖v_θ − v_ref‖²`` (0 skips the
     reference forward)."""
-    kl_guidance: float = 4.5
+    kl_guidance: float = ranged(4.5, ge=0)
     """CFG weight ``w`` of the reference velocity in the KL anchor
     (``v_ref,u + w·(v_ref,c − v_ref,u)``, adapters off; 1 = the CFG-free base)."""
     old_decay: str = "crd_old"
@@ -91,7 +92,7 @@ class ForwardConfig:
 class CRDConfig(ForwardConfig):
     """Centered Reward Distillation (ALGORITHMS.md §3); published values in brackets."""
 
-    beta: float = 1.0
+    beta: float = ranged(1.0, gt=0)
     """KL strength ``β`` of the target ``p* ∝ p_ref·exp(r/β)`` in the reward-matching loss [1]."""
     centering: Literal["group", "batch"] = "group"
     """Centre rewards and implicit rewards within each prompt's group (the paper) or over the
@@ -100,7 +101,7 @@ class CRDConfig(ForwardConfig):
     """Reward-matching loss: ``(5/β)·mean((β·R̂ − R)²)`` or ``BCE_with_logits(β·R̂, σ(R))``."""
     adaptive_weight: bool = True
     """Divide each squared velocity error by ``sg(per-sample mean |v − v*|)`` in ``r̂_θ``."""
-    beta_min: float = 1e-4
+    beta_min: float = ranged(1e-4, ge=0)
     """Reward-adaptive KL floor: the per-sample KL weight runs from ``β_min`` (reward 0) to
     ``β_KL`` (reward 1); ``beta_min = beta_kl`` is the constant-KL ablation [1e-4]."""
 
@@ -121,11 +122,11 @@ class CRDConfig(ForwardConfig):
 class NFTConfig(ForwardConfig):
     """DiffusionNFT (ALGORITHMS.md §3); published values in brackets."""
 
-    beta: float = 1.0
+    beta: float = ranged(1.0, gt=0)
     """Mixing strength ``β`` of the implicit positive / negative policies [1]."""
-    beta_kl: float = 1e-4
+    beta_kl: float = ranged(1e-4, ge=0)
     """Weight ``β_KL`` of ``mean‖v_θ − v_ref‖²`` [1e-4]."""
-    kl_guidance: float = 1.0
+    kl_guidance: float = ranged(1.0, ge=0)
     """CFG weight of the reference velocity in the KL term (1 = the plain base, as published)."""
     old_decay: str = "nft"
     """EMA decay schedule of the ``old`` snapshot [nft: min(0.001·step, 0.5)]."""

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffalign.config import config_to_dict
+from diffalign.config import MAX_SEED, config_to_dict, ranged
 from diffalign.errors import ConfigError, DatasetError
 
 __all__ = [
@@ -362,7 +362,7 @@ def load_preference_dataset(root: str | Path, *, allow_incomplete: bool = False)
 class PrefDataConfig:
     """``diffalign data prefs``: ShapesWorld preference pairs from the base model and the verifier."""
 
-    num_pairs: int = 1000
+    num_pairs: int = ranged(1000, ge=1)
     """Pairs to make (one per rejected base-model sample)."""
     winners: Literal["render", "samples", "mixed"] = "render"
     """Winner of a pair: a renderer image of the prompt (render), a verified-correct base-model
@@ -372,19 +372,19 @@ class PrefDataConfig:
     """Tiny-model checkpoint that draws the samples (None = the shipped base)."""
     split: str = "train"
     """Prompt split the pairs come from."""
-    steps: int = 8
+    steps: int = ranged(8, ge=1)
     """Euler ODE steps per sample (few: generation cost is linear in it)."""
-    guidance_scale: float = 4.5
+    guidance_scale: float = ranged(4.5, ge=0)
     """CFG weight of the samples."""
-    images_per_prompt: int = 4
+    images_per_prompt: int = ranged(4, ge=1)
     """Base-model samples per chosen prompt and round."""
-    batch_size: int = 64
+    batch_size: int = ranged(64, ge=1)
     """Images per round (one batched generation)."""
-    shard_size: int = 256
+    shard_size: int = ranged(256, ge=1)
     """Pairs per shard file (a shard ends at the first round boundary past this)."""
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=MAX_SEED)
     """Seed of every draw (prompts, sample seeds, render seeds)."""
-    max_rounds: int = 1000
+    max_rounds: int = ranged(1000, ge=1)
     """Give up after this many rounds (a model the verifier never rejects makes no losers)."""
 
     def validate(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from diffalign.config import ranged
 from diffalign.errors import ConfigError
 
 __all__ = ["FAMILIES", "ModelOptions", "build_policy", "resolve_device"]
@@ -36,22 +37,22 @@ class ModelOptions:
     (SD3: Flow-GRPO's eight joint-attention projections; FLUX: the same in double and single
     blocks; SD1.5: to_q, to_k, to_v, to_out.0; tiny: q, kv, out, conv1, conv2, emb — attention
     projections, residual-block convs and their timestep/text FiLM)."""
-    lora_dropout: float = 0.0
+    lora_dropout: float = ranged(0.0, ge=0, lt=1)
     """Dropout on the LoRA input."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% slower updates)."""
     device: str = "auto"
     """Device of the policy: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
-    max_cached_prompts: int = 1024
+    max_cached_prompts: int = ranged(1024, ge=1)
     """Prompt encodings kept on the device (least recently used dropped beyond this)."""
     use_t5: bool = True
     """SD3: load the T5 text encoder (False: zeros in its place, as the pipeline without T5)."""
-    max_sequence_length: int | None = None
+    max_sequence_length: int | None = ranged(None, ge=1)
     """T5 tokens (None = the family default: SD3 256, FLUX 512)."""
     true_cfg: bool = False
     """FLUX: real classifier-free guidance (two-branch batched forward) instead of the
     guidance embedding; always on for models without the embedding (schnell)."""
-    embedded_guidance: float = 3.5
+    embedded_guidance: float = ranged(3.5, ge=0)
     """FLUX: guidance-embedding value used when true_cfg is on."""
     flow_view: bool = False
     """SD1.5: expose the ε-model as a flow (velocity) policy (for forward-process and flow

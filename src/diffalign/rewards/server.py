@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffalign.errors import ConfigError
+from diffalign.config import check_ranges, ranged
 from diffalign.rewards.base import Reward, checked_call
 from diffalign.rewards.remote import decode_image, images_to_tensor
 
@@ -39,24 +39,21 @@ from diffalign.rewards.remote import decode_image, images_to_tensor
 class ServerConfig:
     """Reward-server limits and batching."""
 
-    max_batch_images: int = 64
+    max_batch_images: int = ranged(64, ge=1)
     """Most images scored in one reward call (concurrent requests are merged up to this)."""
-    batch_wait_ms: float = 10.0
+    batch_wait_ms: float = ranged(10.0, ge=0)
     """After the first request of a batch arrives, wait this long (milliseconds) for more."""
-    max_request_mb: float = 64.0
+    max_request_mb: float = ranged(64.0, gt=0)
     """Largest request body (MiB); larger requests get 413."""
-    max_images_per_request: int = 512
+    max_images_per_request: int = ranged(512, ge=1)
     """Most images in one request; more get 413."""
-    request_timeout_s: float = 300.0
+    request_timeout_s: float = ranged(300.0, gt=0)
     """A request not scored within this many seconds (queueing included) gets 504."""
-    max_queue_images: int = 8192
+    max_queue_images: int = ranged(8192, ge=1)
     """Images waiting to be scored; a request arriving above this gets 503 (the client retries)."""
 
     def __post_init__(self) -> None:
-        if self.max_batch_images < 1 or self.max_images_per_request < 1 or self.max_queue_images < 1:
-            raise ConfigError("max_batch_images, max_images_per_request and max_queue_images must be at least 1")
-        if self.batch_wait_ms < 0 or self.max_request_mb <= 0 or self.request_timeout_s <= 0:
-            raise ConfigError("batch_wait_ms must be ≥ 0; max_request_mb and request_timeout_s must be positive")
+        check_ranges(self)  # built from CLI flags, not load_config: check the declared ranges here
 
 
 @dataclass

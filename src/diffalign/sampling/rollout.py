@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from diffalign.config import ranged
 from diffalign.errors import ConfigError
 from diffalign.models.base import with_sampling_weights
 from diffalign.models.epsilon_view import EpsilonView, ddim_timesteps, flow_sigma_from_alpha_bar
@@ -60,24 +61,24 @@ class RolloutConfig:
     sampler: Literal["flow_sde", "dance_sde", "cps", "ode", "ddim"] = "flow_sde"
     """Step rule: Flow-GRPO SDE, DanceGRPO SDE, coefficients-preserving, Euler ODE (no
     log-probs), or DDIM on an ε-view (DDPO)."""
-    steps: int = 10
+    steps: int = ranged(10, ge=1)
     """Number of sampling steps ``T`` (model evaluations per image, ×2 with CFG)."""
-    shift: float = 1.0
+    shift: float = ranged(1.0, gt=0)
     """Time shift ``s`` of the flow sigmas, ``σ' = s·σ/(1 + (s−1)·σ)`` (1 = none; SD3 uses 3).
     Ignored by ``ddim``, which uses the DDPM schedule's "leading" timesteps."""
-    guidance_scale: float = 4.5
+    guidance_scale: float = ranged(4.5, ge=0)
     """Classifier-free guidance weight ``w`` in ``v = v_u + w·(v_c − v_u)`` (1 = no CFG)."""
-    noise_level: float = 0.7
+    noise_level: float = ranged(0.7, ge=0)
     """SDE noise: ``a`` for flow_sde / cps (dimensionless), ``η`` for dance_sde / ddim.
     0 makes every step deterministic. Ignored by ``ode``."""
-    sde_window: tuple[int, int] | None = None
+    sde_window: tuple[int, int] | None = ranged(None, ge=0)
     """Steps ``[start, end)`` (0-based step indices) that are stochastic; the others are
     deterministic (ODE / η = 0). None = every step stochastic."""
     init_noise: Literal["independent", "shared"] = "independent"
     """Initial noise ``x_0``: one draw per image ("independent", coarse-grained exploration)
     or one draw per prompt group ("shared", fine-grained; DanceGRPO). ``rollout``'s
     ``shared_groups`` overrides it per group."""
-    noise_pool: int = 1
+    noise_pool: int = ranged(1, ge=1)
     """Coarse SDE noise: draw the noise (and apply the SDE's score correction) only along images
     constant on ``noise_pool × noise_pool`` pixel / latent blocks, per channel
     (:func:`~diffalign.sampling.steps.block_noise_step`); the marginals stay the ODE's. 1 = the
@@ -92,7 +93,7 @@ class RolloutConfig:
     autocast_bf16: bool = False
     """Run model forwards under ``torch.autocast(<device type>, bfloat16)``; sampler math
     (means, stds, log-probs) stays float32."""
-    batch_size: int = 64
+    batch_size: int = ranged(64, ge=1)
     """Max images per model call (CFG doubles the forward batch inside ``predict``)."""
 
     def __post_init__(self) -> None:

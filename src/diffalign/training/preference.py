@@ -45,7 +45,7 @@ from diffalign.algorithms.preference import (
     seppo_loss,
     sft_loss,
 )
-from diffalign.config import config_to_dict, load_yaml
+from diffalign.config import MAX_SEED, config_to_dict, load_yaml, ranged
 from diffalign.data.preference import PreferenceDataset, load_preference_dataset
 from diffalign.errors import CheckpointError, ConfigError
 from diffalign.evaluation.grid import save_grid
@@ -87,9 +87,9 @@ class SePPOConfig:
     where the reference explains it better), off (reference sample always the loser)."""
     selection: Literal["uniform", "first", "latest"] = "uniform"
     """Reference per update: uniform over the pool, first (the base model when kept), latest."""
-    pool_every: int = 10
+    pool_every: int = ranged(10, ge=1)
     """Updates between saving the policy into the pool."""
-    pool_size: int = 5
+    pool_size: int = ranged(5, ge=1)
     """Most entries in the pool, the base model included."""
     keep_base: bool = True
     """Never evict the base model from the pool."""
@@ -104,19 +104,19 @@ class SePPOConfig:
 class PrefEvalConfig:
     """Periodic evaluation on held-out prompts (fixed prompts and seeds)."""
 
-    every: int = 20
+    every: int = ranged(20, ge=0)
     """Updates between evaluations (0 = only before training and at the end)."""
-    num_images: int = 64
+    num_images: int = ranged(64, ge=1)
     """Images per evaluation (task-balanced prompts, one image each)."""
     split: str = "test"
     """Prompt split of the periodic evaluation: test or ood."""
     final_splits: tuple[str, ...] = ("test", "ood")
     """Splits evaluated at the end of training (written to summary.json)."""
-    final_num_images: int = 128
+    final_num_images: int = ranged(128, ge=1)
     """Images per split in the final evaluation."""
-    steps: int = 20
+    steps: int = ranged(20, ge=1)
     """ODE sampler steps."""
-    guidance_scale: float = 4.5
+    guidance_scale: float = ranged(4.5, ge=0)
     """CFG weight at evaluation."""
 
 
@@ -136,38 +136,38 @@ class PreferenceConfig:
     the losses use flow-matching errors). The image size is the dataset's."""
     model_options: ModelOptions = field(default_factory=ModelOptions)
     """dtype, LoRA targets, gradient checkpointing, device, ... of the diffusers adapters."""
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=MAX_SEED)
     """Seed of every random draw."""
-    epochs: int = 1
+    epochs: int = ranged(1, ge=1)
     """Passes over the dataset (pairs, or winners for seppo / sft)."""
-    max_updates: int | None = None
+    max_updates: int | None = ranged(None, ge=1)
     """Stop after this many optimizer updates (None = all epochs). Comparisons fix this."""
-    batch_size: int = 16
+    batch_size: int = ranged(16, ge=1)
     """Pairs (or winners) per micro-batch."""
-    grad_accum: int = 1
+    grad_accum: int = ranged(1, ge=1)
     """Micro-batches per optimizer update."""
-    beta: float = 1000.0
+    beta: float = ranged(1000.0, gt=0)
     """β of Diffusion-DPO / SePPO (logit −β/2·(Δ_w − s·Δ_l); unused by sft)."""
     timesteps: Literal["logit_normal", "uniform"] = "logit_normal"
     """Training σ distribution (one σ and one ε per pair, shared by winner and loser)."""
-    lora_rank: int = 32
+    lora_rank: int = ranged(32, ge=0)
     """LoRA rank (0 = full fine-tuning)."""
-    lora_alpha: float | None = None
+    lora_alpha: float | None = ranged(None, gt=0)
     """LoRA alpha (None = rank)."""
-    lr: float = 3e-4
+    lr: float = ranged(3e-4, gt=0)
     """AdamW learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: float = ranged(0.0, ge=0)
     """AdamW weight decay."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = ranged((0.9, 0.999), ge=0, lt=1)
     """AdamW betas."""
-    grad_clip: float = 1.0
+    grad_clip: float = ranged(1.0, ge=0)
     """Gradient-norm clip (0 = off)."""
-    threads: int = 0
+    threads: int = ranged(0, ge=0)
     """torch threads (0 = default)."""
-    max_train_minutes: float | None = None
+    max_train_minutes: float | None = ranged(None, gt=0)
     """Stop after the update in which training time passes this budget (None = no budget).
     Budget-stopped runs are not bit-exact on resume."""
-    ckpt_every: int = 20
+    ckpt_every: int = ranged(20, ge=1)
     """Updates between checkpoints (the last update always saves)."""
     seppo: SePPOConfig = field(default_factory=SePPOConfig)
     """SePPO settings (ignored by the other algorithms)."""

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffalign.config import MAX_SEED, ranged
 from diffalign.errors import CheckpointError, ConfigError
 from diffalign.models.checkpoint import load_unet, save_unet
 from diffalign.models.text import shared_text_encoder
@@ -30,44 +31,44 @@ from diffalign.world.render import check_size, render
 class PretrainConfig:
     """Pretraining settings (units in each docstring)."""
 
-    steps: int = 2000
+    steps: int = ranged(2000, ge=1)
     """Optimizer steps in total."""
-    batch_size: int = 64
+    batch_size: int = ranged(64, ge=1)
     """Images per optimizer step."""
-    lr: float = 8e-4
+    lr: float = ranged(8e-4, gt=0)
     """Peak AdamW learning rate."""
-    warmup: int = 100
+    warmup: int = ranged(100, ge=0)
     """Linear warm-up, in steps."""
-    min_lr_frac: float = 0.1
+    min_lr_frac: float = ranged(0.1, ge=0, le=1)
     """Cosine decay ends at this fraction of ``lr``."""
-    weight_decay: float = 0.01
+    weight_decay: float = ranged(0.01, ge=0)
     """AdamW weight decay."""
-    grad_clip: float = 1.0
+    grad_clip: float = ranged(1.0, gt=0)
     """Gradient-norm clip."""
-    ema_decay: float = 0.999
+    ema_decay: float = ranged(0.999, ge=0, lt=1)
     """EMA decay (warmed up as min(decay, (1+k)/(10+k)))."""
-    cond_dropout: float = 0.1
+    cond_dropout: float = ranged(0.1, ge=0, le=1)
     """Probability of replacing a caption by the empty prompt (for CFG)."""
     timesteps: str = "logit_normal"
     """Training σ distribution: ``logit_normal`` (σ = sigmoid(N(0,1))) or ``uniform``."""
-    image_size: int = 32
+    image_size: int = ranged(32, ge=1)
     """Canvas side in pixels (32 or 64)."""
-    channels: tuple[int, ...] = (32, 64, 128)
+    channels: tuple[int, ...] = ranged((32, 64, 128), ge=1)
     """UNet channels per level."""
-    blocks_per_level: int = 1
+    blocks_per_level: int = ranged(1, ge=1)
     """UNet residual blocks per level."""
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=MAX_SEED)
     """Seed for every random draw (see module docstring)."""
-    ckpt_every: int = 200
+    ckpt_every: int = ranged(200, ge=1)
     """Steps between resumable checkpoints (and EMA snapshots)."""
-    sample_every: int = 400
+    sample_every: int = ranged(400, ge=0)
     """Steps between sample grids with verifier verdicts (0 = never)."""
-    log_every: int = 10
+    log_every: int = ranged(10, ge=1)
     """Steps between metrics.jsonl lines."""
     bf16: bool = False
     """Run the model forward under bf16 autocast (loss and optimizer in float32). Off by
     default: on the 2-core development CPU bf16 convolutions ran ~20× slower than float32."""
-    threads: int = 0
+    threads: int = ranged(0, ge=0)
     """torch threads (0 = torch's default)."""
     unet: dict = field(default_factory=dict)
     """Extra UNetConfig fields."""

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffalign.config import MAX_SEED, ranged
 from diffalign.errors import ConfigError, DiffalignError
 from diffalign.rewards.shapes_score import ShapesScoreConfig, ShapesScoreNet, save_shapes_score, text_features
 from diffalign.world.grammar import TASKS, eval_prompts, parse_prompt
@@ -54,19 +55,19 @@ class ProxyPairsConfig:
 
     split: str = "train"
     """Prompt split the pairs are drawn from (train, test or ood)."""
-    num_prompts: int = 3000
+    num_prompts: int = ranged(3000, ge=1)
     """Task-balanced prompt draws, each with its own image seed (renders + near-misses)."""
-    base_prompts: int = 512
+    base_prompts: int = ranged(512, ge=0)
     """Of those, how many also get base-model images (``base_images_per_prompt`` each)."""
-    base_images_per_prompt: int = 2
+    base_images_per_prompt: int = ranged(2, ge=1)
     """Base-model images per prompt (2 gives pass-vs-fail pairs within a prompt)."""
-    base_steps: int = 8
+    base_steps: int = ranged(8, ge=1)
     """Euler ODE steps for base-model images (few: cheap, and they fail more often)."""
-    base_cfg: float = 4.5
+    base_cfg: float = ranged(4.5, ge=0)
     """CFG scale of the base-model images."""
     base_model: str | None = None
     """Tiny-model checkpoint for the model images (None = the shipped base)."""
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=MAX_SEED)
     """Prompt draw seed; image seeds are ``seed·1_000_000 + i`` (use another seed for held-out pairs)."""
 
     def validate(self) -> None:
@@ -218,26 +219,26 @@ def describe_pairs(data: dict) -> dict:
 class ProxyTrainConfig:
     """``diffalign proxy train``: fits ShapesScore on a pair file."""
 
-    epochs: int = 4
+    epochs: int = ranged(4, ge=1)
     """Passes over the training pairs."""
-    batch_size: int = 128
+    batch_size: int = ranged(128, ge=1)
     """Pairs per optimizer step (2× as many images)."""
-    lr: float = 2e-3
+    lr: float = ranged(2e-3, gt=0)
     """Peak AdamW learning rate (cosine decay to 5% of it)."""
-    weight_decay: float = 1e-4
+    weight_decay: float = ranged(1e-4, ge=0)
     """AdamW weight decay."""
-    bce_weight: float = 0.5
+    bce_weight: float = ranged(0.5, ge=0)
     """Weight of the pointwise cross-entropy next to the pairwise Bradley–Terry loss."""
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=MAX_SEED)
     """Initialisation and shuffling seed."""
-    threads: int = 0
+    threads: int = ranged(0, ge=0)
     """torch threads (0 = leave as is)."""
-    channels: tuple[int, ...] = (16, 32, 48, 64)
+    channels: tuple[int, ...] = ranged((16, 32, 48, 64), ge=1)
     """Conv stage widths of the model."""
-    holdout_prompts: float = 0.15
+    holdout_prompts: float = ranged(0.15, ge=0, lt=1)
     """Fraction of the training file's distinct prompts held out with all their pairs (base-model
     pairs included): a second held-out figure, on prompts the model never saw in training."""
-    max_pairs: int | None = None
+    max_pairs: int | None = ranged(None, ge=1)
     """Train on a random subset of at most this many of the remaining pairs (None = all)."""
 
 

@@ -29,7 +29,7 @@ from diffalign.algorithms.consistent_rft import (
 )
 from diffalign.algorithms.flow_grpo import GRPO, GRPOConfig
 from diffalign.algorithms.forward import CRDConfig, ForwardProcess, NFTConfig
-from diffalign.config import config_to_dict
+from diffalign.config import MAX_SEED, config_to_dict, ranged
 from diffalign.distributed import (
     all_gather_object,
     all_gather_tensor,
@@ -67,15 +67,15 @@ from diffalign.world.grammar import TASKS, prompt_splits
 class EvalConfig:
     """Periodic evaluation on held-out prompts (fixed prompts and seeds)."""
 
-    every: int = 5
+    every: int = ranged(5, ge=0)
     """Epochs between evaluations (0 = only at the end)."""
-    num_images: int = 64
+    num_images: int = ranged(64, ge=1)
     """Images per evaluation (task-balanced prompts, one image each)."""
     split: str = "test"
     """Prompt split: test or ood."""
-    steps: int = 20
+    steps: int = ranged(20, ge=1)
     """ODE sampler steps."""
-    guidance_scale: float = 4.5
+    guidance_scale: float = ranged(4.5, ge=0)
     """CFG weight at evaluation."""
     use_ema: bool = True
     """Evaluate the EMA weights (if ema_decay > 0) rather than the raw policy."""
@@ -94,7 +94,7 @@ class TrainConfig:
     """Model family: tiny (ShapesWorld), sd3 (SD3 / SD3.5), flux (FLUX.1), sd15 (SD1.x)."""
     model_options: ModelOptions = field(default_factory=ModelOptions)
     """dtype, LoRA targets, gradient checkpointing, device, ... of the diffusers adapters."""
-    image_size: int | None = None
+    image_size: int | None = ranged(None, ge=1)
     """Side of the generated square images in pixels (None = the model's default: the tiny
     checkpoint's size; 512 for sd3 / flux / sd15)."""
     prompt_file: str | None = None
@@ -103,14 +103,14 @@ class TrainConfig:
     eval_prompt_file: str | None = None
     """Evaluation prompts with prompt_file (None = the training prompt file); evaluation then
     scores deterministic samples with the training reward."""
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=MAX_SEED)
     """Seed of every random draw."""
-    epochs: int = 30
+    epochs: int = ranged(30, ge=1)
     """Sample → update iterations."""
-    prompts_per_epoch: int = 8
+    prompts_per_epoch: int = ranged(8, ge=1)
     """Prompt groups sampled per epoch, over all processes (each of N processes rolls out
     prompts_per_epoch / N whole groups)."""
-    group_size: int = 8
+    group_size: int = ranged(8, ge=2)
     """Images per prompt (K)."""
     prompt_split: str = "train"
     """Split the training prompts come from."""
@@ -120,21 +120,21 @@ class TrainConfig:
     """Keyword arguments of the reward."""
     async_reward: bool = True
     """Score each rollout chunk in a background thread while the next chunk samples."""
-    lora_rank: int = 0
+    lora_rank: int = ranged(0, ge=0)
     """LoRA rank (0 = full fine-tuning)."""
-    lora_alpha: float | None = None
+    lora_alpha: float | None = ranged(None, gt=0)
     """LoRA alpha (None = rank)."""
-    lr: float = 1e-4
+    lr: float = ranged(1e-4, gt=0)
     """AdamW learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: float = ranged(0.0, ge=0)
     """AdamW weight decay."""
     lr_schedule: str = "constant"
     """``constant``, or ``cosine``: epoch e (0-based) trains at
     ``lr · (m + (1 − m)·½(1 + cos(π·e/epochs)))`` with ``m = lr_min_ratio``. Set ``epochs`` to
     what the budget holds when ``max_train_minutes`` stops the run."""
-    lr_min_ratio: float = 0.1
+    lr_min_ratio: float = ranged(0.1, ge=0, le=1)
     """``cosine``: the final learning rate as a fraction of ``lr``."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = ranged((0.9, 0.999), ge=0, lt=1)
     """AdamW betas."""
     sharding: str = "none"
     """Multi-process runs: ``none`` (every rank holds the whole AdamW state), ``optimizer``
@@ -144,23 +144,23 @@ class TrainConfig:
     and gradients are reduced in buckets during backward and freed on the other ranks, so
     gradient memory is divided too). ``none`` defers to an ``accelerate`` DeepSpeed ZeRO-1/2 or
     FSDP ``SHARD_GRAD_OP`` launch config (docs/distributed.md). No effect in one process."""
-    ema_decay: float = 0.0
+    ema_decay: float = ranged(0.0, ge=0, lt=1)
     """EMA of the trainable weights for evaluation (0 = off)."""
     task_sampling: str = "uniform"
     """How each epoch's ShapesWorld prompts pick their task type: ``uniform``, or ``adaptive``
     (probability ∝ a running mean of the task's within-group reward std, i.e. how much GRPO
     signal its groups still carry; tasks the policy always passes or always fails are drawn
     less). Ignored with ``prompt_file``."""
-    task_sampling_floor: float = 0.3
+    task_sampling_floor: float = ranged(0.3, ge=0, le=1)
     """``adaptive``: this share of the draws stays uniform over tasks (0–1), so no task is forgotten."""
-    task_sampling_decay: float = 0.7
+    task_sampling_decay: float = ranged(0.7, ge=0, lt=1)
     """``adaptive``: decay of the running mean per epoch in which the task was drawn (0–1)."""
-    threads: int = 0
+    threads: int = ranged(0, ge=0)
     """torch threads (0 = default)."""
-    max_train_minutes: float | None = None
+    max_train_minutes: float | None = ranged(None, gt=0)
     """Stop after the epoch in which training time (sampling + updates, not evaluation) passes
     this budget (None = run all epochs). Budget-stopped runs are not bit-exact on resume."""
-    ckpt_every: int = 5
+    ckpt_every: int = ranged(5, ge=1)
     """Epochs between checkpoints (the last epoch always saves)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Sampler used for rollouts."""
