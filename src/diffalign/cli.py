@@ -96,6 +96,7 @@ def resolve_preset(name: str) -> Path:
 def _cmd_train(args) -> int:
     from diffalign.config import load_config
     from diffalign.training.registry import train_classes
+    from diffalign.training.rundir import RunDir
 
     presets = [i for i in args.items if "=" not in i]
     args.overrides = [i for i in args.items if "=" in i]
@@ -108,6 +109,7 @@ def _cmd_train(args) -> int:
         run = Path(args.resume)
         if not (run / "config.yaml").exists():
             raise DiffalignError(f"--resume {run}: not a run directory (no config.yaml)")
+        RunDir(run).require_checkpoint()  # a run that never checkpointed: say how to restart it
         config_cls, trainer_cls = train_classes(run / "config.yaml", args.overrides)
         cfg = load_config(config_cls, run / "config.yaml", args.overrides)
         trainer = trainer_cls(cfg, run, resume=True)
@@ -239,15 +241,26 @@ def _cmd_compare(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``diffalign`` parser: one subcommand per ``_add_*_parser`` below, in help order."""
     parser = argparse.ArgumentParser(prog="diffalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_pretrain_parser, _add_train_parser, _add_eval_parser, _add_compare_parser, _add_sample_parser,
+                _add_proxy_parser, _add_reward_server_parser, _add_data_parser):
+        add(sub)
+    return parser
 
+
+def _add_pretrain_parser(sub) -> None:
+    """``diffalign pretrain``."""
     p = sub.add_parser("pretrain", help="pretrain the ShapesWorld base model from scratch")
     p.add_argument("--out", required=True, help="run directory (checkpoints, samples, metrics.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("overrides", nargs="*", help="key=value settings, e.g. steps=2000 batch_size=64")
     p.set_defaults(func=_cmd_pretrain)
 
+
+def _add_train_parser(sub) -> None:
+    """``diffalign train``."""
     p = sub.add_parser("train", help="RL fine-tuning from a preset (configs/shapes/*.yaml)")
     p.add_argument("items", nargs="*", metavar="PRESET [key=value ...]",
                    help="preset name or YAML path (e.g. flow_grpo), then key=value overrides "
@@ -256,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run exactly")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_eval_parser(sub) -> None:
+    """``diffalign eval``."""
     p = sub.add_parser("eval", help="evaluate a checkpoint or run on test and out-of-domain prompts")
     p.add_argument("target", nargs="?", default="base", help="checkpoint file, run directory, or 'base'")
     p.add_argument("--out", default="eval", help="output directory for eval.json, eval.md and grids")
@@ -270,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-proxy", action="store_true", help="skip the ShapesScore proxy reward")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_compare_parser(sub) -> None:
+    """``diffalign compare``."""
     p = sub.add_parser("compare", help="one table and plots across training runs (HTML, PNG, markdown)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run directories")
     p.add_argument("--out", default="compare", help="output directory (compare.html, compare.md, *.png)")
@@ -279,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt of that evaluation")
     p.set_defaults(func=_cmd_compare)
 
+
+def _add_sample_parser(sub) -> None:
+    """``diffalign sample``."""
     p = sub.add_parser("sample", help="generate images with the Euler ODE sampler and verify them")
     p.add_argument("--prompt", action="append", help="a ShapesWorld prompt (repeatable)")
     p.add_argument("-n", type=int, default=8, help="images per prompt")
@@ -292,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write verdicts and speed as JSON here")
     p.set_defaults(func=_cmd_sample)
 
+
+def _add_proxy_parser(sub) -> None:
+    """``diffalign proxy train | eval``."""
     p = sub.add_parser("proxy", help="the ShapesScore learned proxy reward: train or evaluate it")
     proxy_sub = p.add_subparsers(dest="proxy_command", required=True, metavar="ACTION")
     q = proxy_sub.add_parser("train", help="fit ShapesScore on a pair file")
@@ -310,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the held-out pair figures into the checkpoint's metadata")
     q.set_defaults(func=_cmd_proxy_eval)
 
+
+def _add_reward_server_parser(sub) -> None:
+    """``diffalign reward-server``."""
     p = sub.add_parser("reward-server", help="serve a registered reward over HTTP (for the remote reward)")
     p.add_argument("--reward", required=True, help="registered reward name, e.g. pickscore, ocr, shapes_verifier")
     p.add_argument("--reward-kwargs", default="{}", help="JSON object of reward arguments, e.g. "
@@ -324,12 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", help="uvicorn log level (info logs every request)")
     p.set_defaults(func=_cmd_reward_server)
 
-    # `diffalign data ...`: dataset builders. Each module adds its own subcommand here
-    # (preference pairs, proxy-reward training pairs, ...).
+
+def _add_data_parser(sub) -> None:
+    """``diffalign data ...``: dataset builders. Each module adds its own subcommand in
+    :func:`_add_data_commands` (preference pairs, proxy-reward training pairs, ...)."""
     p = sub.add_parser("data", help="build datasets (preference pairs, proxy-reward pairs)")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="KIND")
     _add_data_commands(data_sub)
-    return parser
 
 
 def _cmd_data_prefs(args) -> int:
