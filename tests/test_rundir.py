@@ -35,11 +35,28 @@ def test_create_then_open(tmp_path: Path) -> None:
     assert RunDir(run.path).open().config == {"lr": 1e-4, "channels": [8, 16]}
 
 
-def test_create_refuses_existing_run(tmp_path: Path) -> None:
+def test_create_refuses_a_run_with_a_checkpoint(tmp_path: Path) -> None:
     RunDir(tmp_path).create({"a": 1})
-    with pytest.raises(ConfigError, match="--resume"):
+    save_checkpoint(tmp_path, 3, {"w": torch.zeros(2)})
+    with pytest.raises(ConfigError, match=r"checkpoint \(step 3\).*--resume .*--out.*rm -r"):
         RunDir(tmp_path).create({"a": 2})
     assert RunDir(tmp_path).create({"a": 2}, exist_ok=True).open().config == {"a": 2}
+
+
+def test_create_restarts_a_run_that_never_checkpointed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = RunDir(tmp_path).create({"a": 1})
+    with run.metrics_logger(tensorboard=False) as log:
+        log.log(0, {"eval/score": 0.5})
+    (run.checkpoints_dir / ".tmp-step_0000001-1").mkdir()  # killed while writing its first checkpoint
+    (run.samples_dir / "epoch0000.png").write_bytes(b"png")
+    assert not run.has_checkpoint()
+    with pytest.raises(CheckpointError, match=r"stopped before its first checkpoint.*without --resume.*"
+                                              r"diffalign train .*config.yaml --out"):
+        run.require_checkpoint()
+    again = RunDir(tmp_path).create({"a": 2})  # the same command works again
+    assert "starting it afresh" in capsys.readouterr().err
+    assert again.open().config == {"a": 2} and not again.metrics_path.exists()
+    assert not any(again.checkpoints_dir.iterdir()) and (again.samples_dir / "epoch0000.png").exists()
 
 
 def test_open_requires_config(tmp_path: Path) -> None:

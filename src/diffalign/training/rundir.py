@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -92,20 +93,53 @@ class RunDir:
         """Whether the directory already holds a run (has a config.yaml)."""
         return self.config_path.is_file()
 
+    def has_checkpoint(self) -> bool:
+        """Whether the run saved a complete checkpoint (so ``--resume`` can continue it)."""
+        return latest_step(self) is not None
+
     def create(self, config: Mapping[str, Any] | Any, *, exist_ok: bool = False) -> RunDir:
-        """Start a run here: write ``config.yaml`` (a dict or a config dataclass) and the subdirs."""
-        if self.is_run() and not exist_ok:
-            raise ConfigError(
-                f"{self.path} already holds a run ({self.config_path} exists). Pass --resume to "
-                "continue it, or choose another output directory."
-            )
+        """Start a run here: write ``config.yaml`` (a dict or a config dataclass) and the subdirs.
+
+        A run directory is either resumable or restartable: one holding a run with a checkpoint is
+        refused (resume it, or choose another directory); one whose run stopped before its first
+        checkpoint (killed early, or a start that failed) is started afresh — its partial metrics
+        are dropped and a note says so — so the same command works again."""
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"{self.path} is a file, not a directory; choose another output directory.")
+        if self.is_run() and not exist_ok:
+            if self.has_checkpoint():
+                raise ConfigError(
+                    f"{self.path} already holds a run with a checkpoint (step {latest_step(self)}). "
+                    f"Continue it with `diffalign train --resume {self.path}`, choose another "
+                    f"directory with --out, or delete it (rm -r {self.path}) to start over."
+                )
+            self._clear_unfinished()
         self.config = config_to_dict(config)
         for d in (self.path, self.samples_dir, self.checkpoints_dir):
             d.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.config_path)
         return self
+
+    def _clear_unfinished(self) -> None:
+        """Drop what a run that never checkpointed left (metrics, TensorBoard events, temp files)."""
+        print(f"note: {self.path} holds a run that stopped before its first checkpoint; starting it "
+              "afresh (its partial metrics are replaced)", file=sys.stderr, flush=True)
+        self.metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(self.tb_dir, ignore_errors=True)
+        _clean_temp(self.checkpoints_dir)
+
+    def require_checkpoint(self, how: str = "") -> int:
+        """The step ``--resume`` continues from; a CheckpointError that says how to restart when the
+        run stopped before its first checkpoint. ``how``: the command that restarts it."""
+        step = latest_step(self)
+        if step is None:
+            how = how or f"diffalign train {self.config_path} --out {self.path}"
+            raise CheckpointError(
+                f"{self.path}: the run stopped before its first checkpoint, so there is nothing to "
+                f"resume. Start it again without --resume (a run directory with no checkpoint is "
+                f"started afresh), e.g. `{how}`."
+            )
+        return step
 
     def open(self) -> RunDir:
         """Open an existing run (to resume or evaluate it); its config is in ``self.config``."""

@@ -1,0 +1,53 @@
+"""A run directory is resumable or restartable: a start that fails (or is killed) before its first
+checkpoint leaves nothing that blocks the same command, and ``--resume`` on it says how to restart."""
+
+import json
+
+import pytest
+from tiny import tiny_unet
+
+from diffalign.cli import main
+from diffalign.models.checkpoint import save_unet
+from diffalign.training.rundir import latest_step, read_metrics
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(save_unet(tmp_path_factory.mktemp("m") / "tiny.safetensors", tiny_unet(0), 32))
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_failed_start_then_the_same_command_runs(tmp_path, tiny_model, capsys):
+    run, prompts = tmp_path / "run", tmp_path / "prompts.txt"
+    argv = ["train", "flow_grpo", "--out", str(run), f"model={tiny_model}", f"prompt_file={prompts}",
+            "lora_rank=0", "epochs=1", "prompts_per_epoch=2", "group_size=2", "rollout.steps=2",
+            "rollout.sde_window=null", "eval.num_images=2", "eval.steps=1", "eval.every=0", "ckpt_every=1",
+            "grpo.minibatch_size=4", "reward=jpeg_incompressibility", "reward_kwargs={}", "async_reward=false"]
+    # a failed start: the prompt file is missing
+    assert main(argv) == 2
+    assert "prompt file" in _one_line(capsys.readouterr().err)
+    assert (run / "config.yaml").exists() and latest_step(run) is None
+
+    # --resume: nothing to resume, and the message gives the command that restarts it
+    assert main(["train", "--resume", str(run)]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "stopped before its first checkpoint" in err and f"--out {run}" in err, err
+
+    # the same command, once the file exists, starts the run afresh
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "starting it afresh" in captured.err and latest_step(run) == 1
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 1
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "policy_loss" in r] == [1]
+
+    # a run with a checkpoint is never overwritten: the message names --resume, --out and rm -r
+    assert main(argv) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"--resume {run}" in err and "--out" in err and f"rm -r {run}" in err, err
+    assert latest_step(run) == 1
