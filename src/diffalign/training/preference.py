@@ -27,9 +27,9 @@ and ``u`` saved, ``--resume`` continues exactly (same losses as an uninterrupted
 
 from __future__ import annotations
 
-import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,22 +45,13 @@ from diffalign.algorithms.preference import (
     seppo_loss,
     sft_loss,
 )
-from diffalign.config import MAX_SEED, config_to_dict, load_yaml, ranged
+from diffalign.config import MAX_SEED, load_yaml, ranged
 from diffalign.data.preference import PreferenceDataset, load_preference_dataset
 from diffalign.errors import CheckpointError, ConfigError
-from diffalign.evaluation.grid import save_grid
 from diffalign.models.factory import FAMILIES, ModelOptions, build_policy
 from diffalign.sampling.rollout import RolloutConfig, rollout
-from diffalign.training.rundir import (
-    MetricsLogger,
-    RunDir,
-    capture_rng,
-    latest_step,
-    load_checkpoint,
-    read_metrics,
-    restore_rng,
-    save_checkpoint,
-)
+from diffalign.training import loop
+from diffalign.training.rundir import MetricsLogger, save_checkpoint
 
 __all__ = [
     "PREFERENCE_ALGORITHMS",
@@ -292,14 +283,12 @@ class ReferencePool:
 
 
 class PreferenceTrainer:
-    """Runs a :class:`PreferenceConfig` in a run directory (same layout as the RL trainer's)."""
+    """Runs a :class:`PreferenceConfig` in a run directory (same layout as the RL trainer's); the
+    loop is :class:`~diffalign.training.loop.TrainLoop` over :meth:`step_update`."""
 
     def __init__(self, cfg: PreferenceConfig, run_dir: str | Path, *, resume: bool = False, console=None):
-        cfg.validate()
-        self.cfg = cfg
-        self.console = console
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        loop.configure(cfg)
+        self.cfg, self.console = cfg, console
         pairs = load_preference_dataset(cfg.data)
         needs_losers = cfg.algorithm == "diffusion_dpo" or (cfg.algorithm == "seppo" and cfg.seppo.dataset_losers)
         if needs_losers and pairs.losers is None:
@@ -312,11 +301,7 @@ class PreferenceTrainer:
                               f"{cfg.batch_size * cfg.grad_accum} (batch_size × grad_accum); lower them")
         per_epoch = self.batches_per_epoch // cfg.grad_accum
         self.total_updates = cfg.epochs * per_epoch if cfg.max_updates is None else cfg.max_updates
-        self.run = RunDir(run_dir)
-        if resume:
-            self.run.open()
-        else:
-            self.run.create(config_to_dict(cfg))
+        self.run = loop.open_run(run_dir, cfg, resume)
         torch.manual_seed(cfg.seed)
         if cfg.model_family not in FAMILIES:
             raise ConfigError(f"unknown model_family {cfg.model_family!r}; available: {', '.join(FAMILIES)}")
@@ -335,35 +320,20 @@ class PreferenceTrainer:
         self.update, self.train_time = 0, 0.0
         if resume:
             self._load()
-        self.logger: MetricsLogger = self.run.metrics_logger()
-        if resume:
-            self.logger.truncate_after(self.update)
+        self.logger: MetricsLogger | loop.NoLogger = loop.open_logger(self.run, self.update if resume else None)
 
     # -- checkpoints -------------------------------------------------------------------
-    def _state(self) -> dict:
-        return {
-            "epoch": self.update,  # `diffalign eval` reports this as the run's progress
-            "update": self.update,
-            "policy": {k: p.detach().clone() for k, p in self.policy.trainable_state().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "snapshots": self.policy.snapshot_state(),
-            "pool": self.pool.state_dict(),
-            "rng": capture_rng(),
-            "train_time": self.train_time,
-        }
+    def _save(self, update: int) -> None:
+        """Checkpoint after ``update`` updates: the shared entries, the update count and the reference pool."""
+        save_checkpoint(self.run, update, loop.checkpoint_state(
+            self.policy, self.optimizer.state_dict(), self.train_time,
+            epoch=self.update,  # `diffalign eval` reports this as the run's progress
+            update=self.update, pool=self.pool.state_dict()))
 
     def _load(self) -> None:
-        if latest_step(self.run) is None:
-            raise CheckpointError(f"{self.run.path} has no checkpoint to resume from")
-        state = load_checkpoint(self.run)
-        with torch.no_grad():
-            params = self.policy.trainable_state()
-            for k, v in state["policy"].items():
-                params[k].copy_(v)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.policy.load_snapshot_state(state["snapshots"])
-        self.pool.load_state_dict(state["pool"], self.policy)
-        restore_rng(state["rng"])
+        """Resume from the latest checkpoint (the shared entries and the reference pool)."""
+        state = loop.restore_checkpoint(self.run, self.policy, self.optimizer,
+                                        lambda st: self.pool.load_state_dict(st["pool"], self.policy))
         self.update, self.train_time = state["update"], state["train_time"]
 
     # -- data order ----------------------------------------------------------------------
@@ -485,89 +455,64 @@ class PreferenceTrainer:
         row["epoch"] = (self.update * cfg.grad_accum) / self.batches_per_epoch
         return row
 
-    @torch.no_grad()
     def evaluate(self, tag: str, split: str | None = None, num_images: int | None = None) -> dict:
-        from diffalign.evaluation.quick import evaluate_policy
-
+        """Verifier metrics on ``split`` (default ``eval.split``) and the sample grid ``samples/<tag>.png``."""
         e = self.cfg.eval
         self.policy.eval()
-        res, images, prompts, verdicts = evaluate_policy(self.policy, split or e.split, num_images or e.num_images,
-                                                         steps=e.steps, guidance_scale=e.guidance_scale)
-        save_grid(images[:64], self.run.samples_dir / f"{tag}.png", ncol=8, captions=prompts[:64],
-                  marks=[v.score == 1.0 for v in verdicts[:64]])
-        return res
+        return loop.evaluate_to_grid(self.policy, self.run, tag, split or e.split, num_images or e.num_images,
+                                     steps=e.steps, guidance_scale=e.guidance_scale)
 
     # -- the loop ----------------------------------------------------------------------
-    def train(self) -> dict:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    def step_update(self, update: int, on_phase: Callable[[str], None] | None = None) -> dict:
+        """Optimizer update ``update`` (:meth:`train_update`; the next one, ``self.update``), timed
+        into ``train_time``: what :meth:`train` runs per step. Returns its ``metrics.jsonl`` row."""
+        if update != self.update:
+            raise ValueError(f"the next update is {self.update}, not {update}")
+        if on_phase is not None:
+            on_phase("update")
+        t0 = time.perf_counter()
+        row = self.train_update()
+        self.train_time += time.perf_counter() - t0
+        row["train_time_s"] = self.train_time
+        return row
 
+    def train(self) -> dict:
+        """Runs the remaining updates in the shared loop, then :meth:`finish`."""
         cfg = self.cfg
-        if self.update == 0:
-            base = self.evaluate("update0000")
-            self.logger.log(0, {f"eval/{k}": v for k, v in base.items()} | {"train_time_s": 0.0})
-        columns = (TextColumn("[bold]{task.fields[algo]}"), BarColumn(), TextColumn("update {task.completed}/{task.total}"),
-                   TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("eval {task.fields[score]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn())
-        stopped_early = False
-        with Progress(*columns, console=self.console) as bar:
-            task = bar.add_task("train", total=self.total_updates, completed=self.update, algo=cfg.algorithm,
-                                loss=float("nan"), score="-")
-            while self.update < self.total_updates:
-                t0 = time.perf_counter()
-                row = self.train_update()
-                self.train_time += time.perf_counter() - t0
-                row["train_time_s"] = self.train_time
-                done = self.update
-                out_of_time = cfg.max_train_minutes is not None and self.train_time >= 60 * cfg.max_train_minutes
-                last = done == self.total_updates or out_of_time
-                if (cfg.eval.every and done % cfg.eval.every == 0) or last:
-                    res = self.evaluate(f"update{done:04d}")
-                    row |= {f"eval/{k}": v for k, v in res.items()}
-                    bar.update(task, score=f"{res['score']:.3f}")
-                self.logger.log(done, row)
-                if done % cfg.ckpt_every == 0 or last:
-                    save_checkpoint(self.run, done, self._state())
-                bar.update(task, completed=done, loss=row["loss"])
-                if out_of_time:
-                    stopped_early = True
-                    break
-        self.logger.close()
-        return self.finish(stopped_early)
+        runner = loop.TrainLoop(self.step_update, self.evaluate, self._save, unit="update", label=cfg.algorithm,
+                                start=self.update, total=self.total_updates, eval_every=cfg.eval.every,
+                                ckpt_every=cfg.ckpt_every, max_train_minutes=cfg.max_train_minutes,
+                                metric="loss", metric_format=".4f")
+        return self.finish(runner.run(self.logger, self.console).stopped_by_budget)
 
     def finish(self, stopped_early: bool = False) -> dict:
         """Final evaluation on ``eval.final_splits``, curves.png and summary.json."""
-        e = self.cfg.eval
-        rows = read_metrics(self.run.metrics_path)
-        evals = [r for r in rows if "eval/score" in r]
         final: dict = {"algorithm": self.cfg.algorithm, "updates": self.update, "train_time_s": self.train_time,
                        "stopped_by_budget": stopped_early, "dataset_items": len(self.data)}
-        if evals:
-            final |= {"base_score": evals[0]["eval/score"], "final_score": evals[-1]["eval/score"]}
+        return loop.write_summary(self.run, final, plot_preference_curves, self._final_entries)
+
+    def _final_entries(self, rows: list[dict]) -> dict:
+        """summary.json's final evaluation per split and the pair metrics averaged over the updates."""
+        e = self.cfg.eval
+        out: dict = {}
         for split in e.final_splits:
             res = self.evaluate(f"final_{split}", split, e.final_num_images)
-            final[f"final/{split}"] = {k: v for k, v in res.items() if not k.startswith("lowlevel/")}
+            out[f"final/{split}"] = {k: v for k, v in res.items() if not k.startswith("lowlevel/")}
         train_rows = [r for r in rows if "loss" in r]
         for k in ("flip_fraction", "ref_sample_correct", "accuracy"):
             vals = [r[k] for r in train_rows if k in r]
             if vals:
-                final[f"mean_{k}"] = float(np.mean(vals))
-        plot_preference_curves(self.run.path, rows)
-        (self.run.path / "summary.json").write_text(json.dumps(final, indent=2))
-        return final
+                out[f"mean_{k}"] = float(np.mean(vals))
+        return out
 
 
 def plot_preference_curves(run_path: Path, rows: list[dict]) -> Path | None:
     """``curves.png``: eval score, training loss and (SePPO) flip fraction vs update."""
-    import matplotlib
+    return loop.plot_run_curves(run_path, rows, "loss", 3, 13, _draw_preference_curves)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    ev = [r for r in rows if "eval/score" in r]
-    tr = [r for r in rows if "loss" in r]
-    if not ev and not tr:
-        return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+def _draw_preference_curves(axes, ev: list[dict], tr: list[dict]) -> None:
+    """Eval score, training loss and the pair metrics vs update, one panel each."""
     if ev:
         axes[0].plot([r["step"] for r in ev], [r["eval/score"] for r in ev], "o-", label="eval verifier score")
     axes[0].set_title("evaluation")
@@ -584,10 +529,4 @@ def plot_preference_curves(run_path: Path, rows: list[dict]) -> Path | None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(run_path.name)
-    fig.tight_layout()
-    out = run_path / "curves.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
 

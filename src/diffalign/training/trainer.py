@@ -29,11 +29,10 @@ from diffalign.algorithms.consistent_rft import (
 )
 from diffalign.algorithms.flow_grpo import GRPO, GRPOConfig
 from diffalign.algorithms.forward import CRDConfig, ForwardProcess, NFTConfig
-from diffalign.config import MAX_SEED, config_to_dict, ranged
+from diffalign.config import MAX_SEED, ranged
 from diffalign.distributed import (
     all_gather_object,
     all_gather_tensor,
-    broadcast_object,
     broadcast_parameters,
     check_in_sync,
     init_distributed,
@@ -42,24 +41,16 @@ from diffalign.distributed import (
     run_on_main,
     shard_groups,
 )
-from diffalign.errors import CheckpointError, ConfigError
+from diffalign.errors import ConfigError
 from diffalign.evaluation.grid import save_grid
 from diffalign.models.factory import FAMILIES, ModelOptions, build_policy
 from diffalign.rewards import build_reward, checked_call
 from diffalign.rewards.multi import per_reward_inputs
 from diffalign.sampling.rollout import RolloutConfig, Trajectory, rollout
 from diffalign.sharding import SHARDING_MODES, make_optimizer
+from diffalign.training import loop
 from diffalign.training.prompts import sample_file_prompts
-from diffalign.training.rundir import (
-    MetricsLogger,
-    RunDir,
-    capture_rng,
-    latest_step,
-    load_checkpoint,
-    read_metrics,
-    restore_rng,
-    save_checkpoint,
-)
+from diffalign.training.rundir import MetricsLogger, save_checkpoint
 from diffalign.world.grammar import TASKS, prompt_splits
 
 
@@ -316,23 +307,44 @@ def cat_trajectories(parts: list[Trajectory]) -> Trajectory:
     return replace(first, prompts=[q for p in parts for q in p.prompts], **cat)
 
 
+@dataclass
+class EpochPrompts:
+    """Phase 1's output: the epoch's group-contiguous prompts (all ranks' groups)."""
+
+    prompts: list[str]
+    group_ids: torch.Tensor
+    """``(prompts_per_epoch · group_size,)`` group index of each prompt."""
+    kinds: list[str | None]
+    """Task type of each group (None for prompt-file prompts)."""
+    task_probs: dict[str, float] | None
+    """The adaptive curriculum's task probabilities they were drawn with (None = uniform)."""
+
+
+@dataclass
+class EpochRollout:
+    """Phase 2's output: this rank's rollout and the whole epoch's rewards."""
+
+    traj: Trajectory
+    """This rank's groups."""
+    rewards: torch.Tensor
+    """``(prompts_per_epoch · group_size,)`` every rank's rewards, in the single-process order."""
+    details: dict[str, torch.Tensor]
+    """The reward's per-sample details, gathered like ``rewards``."""
+    shared_noise: torch.Tensor
+    """``(prompts_per_epoch,)`` bool, every group's DGR granularity (True = fine, shared noise)."""
+
+
 class Trainer:
-    """Runs a :class:`TrainConfig` in a run directory."""
+    """Runs a :class:`TrainConfig` in a run directory; the loop is :class:`~diffalign.training.loop.TrainLoop`
+    over :meth:`step_epoch`."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, console=None):
-        cfg.validate()
-        self.cfg = cfg
-        self.console = console
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        loop.configure(cfg)
+        self.cfg, self.console = cfg, console
         # under torchrun / accelerate launch: one process per device, whole prompt groups per rank
         self.world = init_distributed()
         self.groups = shard_groups(cfg.prompts_per_epoch, self.world)
-        self.run = RunDir(run_dir)
-        if resume:
-            self.run.open()
-        else:
-            run_on_main(lambda: self.run.create(config_to_dict(cfg)) and None)
+        self.run = loop.open_run(run_dir, cfg, resume)
         torch.manual_seed(cfg.seed)
         self.policy = build_policy(cfg.model_family, cfg.model, image_size=cfg.image_size, lora_rank=cfg.lora_rank,
                                    lora_alpha=cfg.lora_alpha, options=cfg.model_options)
@@ -357,45 +369,82 @@ class Trainer:
             self.policy.save_snapshot("ema")
         if resume:
             self._load()
-        self.logger: MetricsLogger = self.run.metrics_logger() if self.world.is_main else _NoLogger()
-        if resume:
-            self.logger.truncate_after(self.start_epoch)
+        self.logger: MetricsLogger | loop.NoLogger = loop.open_logger(self.run, self.start_epoch if resume else None)
 
     # -- checkpoints -------------------------------------------------------------------
-    def _state(self, epoch: int, optimizer_state: dict) -> dict:
-        return {
-            "epoch": epoch,
-            "policy": {k: p.detach().clone() for k, p in self.policy.trainable_state().items()},
-            "optimizer": optimizer_state,
-            "snapshots": self.policy.snapshot_state(),
-            "algorithm": self.algo.state_dict(),
-            "curriculum": self.curriculum.state_dict() if self.curriculum else None,
-            "rng": capture_rng(),
-            "train_time": self.train_time,
-        }
-
     def _save(self, epoch: int) -> None:
         """Every rank calls this (a sharded optimizer gathers its state); rank 0 writes."""
         optimizer_state = self.optimizer.state_dict()
-        run_on_main(lambda: save_checkpoint(self.run, epoch, self._state(epoch, optimizer_state)))
+        run_on_main(lambda: save_checkpoint(self.run, epoch, loop.checkpoint_state(
+            self.policy, optimizer_state, self.train_time, epoch=epoch, algorithm=self.algo.state_dict(),
+            curriculum=self.curriculum.state_dict() if self.curriculum else None)))
 
     def _load(self) -> None:
-        if latest_step(self.run) is None:
-            raise CheckpointError(f"{self.run.path} has no checkpoint to resume from")
-        state = load_checkpoint(self.run)
-        with torch.no_grad():
-            params = self.policy.trainable_state()
-            for k, v in state["policy"].items():
-                params[k].copy_(v)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.policy.load_snapshot_state(state["snapshots"])
-        self.algo.load_state_dict(state["algorithm"])
-        if self.curriculum is not None and state.get("curriculum"):
-            self.curriculum.load_state_dict(state["curriculum"])
-        restore_rng(state["rng"])
+        """Resume from the latest checkpoint (the shared entries, the algorithm's and the curriculum's state)."""
+
+        def load_own(state: dict) -> None:
+            self.algo.load_state_dict(state["algorithm"])
+            if self.curriculum is not None and state.get("curriculum"):
+                self.curriculum.load_state_dict(state["curriculum"])
+
+        state = loop.restore_checkpoint(self.run, self.policy, self.optimizer, load_own)
         self.start_epoch, self.train_time = state["epoch"], state["train_time"]
 
     # -- phases ------------------------------------------------------------------------
+    def epoch_prompts(self, epoch: int) -> EpochPrompts:
+        """Phase 1: epoch ``epoch``'s prompts, the whole epoch, the same on every rank (task
+        types from the adaptive curriculum when it is on)."""
+        task_probs = self.curriculum.probs() if self.curriculum else None
+        prompts, group_ids, kinds = sample_prompts_with_tasks(self.cfg, epoch, task_probs)
+        return EpochPrompts(prompts, group_ids, kinds, task_probs)
+
+    @property
+    def _my_samples(self) -> slice:
+        """This rank's samples of an epoch (whole groups)."""
+        return slice(self.groups.start * self.cfg.group_size, self.groups.stop * self.cfg.group_size)
+
+    def rollout_and_score(self, epoch: int, prompts: list[str], group_ids: torch.Tensor,
+                          gen: torch.Generator) -> EpochRollout:
+        """Phase 2: this rank's groups of ``prompts`` sampled (DGR granularity of epoch ``epoch``
+        from ``gen``) and scored; the rewards of every rank gathered."""
+        self.policy.eval()
+        shared = self.algo.shared_groups(epoch, self.cfg.prompts_per_epoch, gen)
+        mine = self._my_samples
+        error = None
+        try:
+            traj, rewards, details = self.sample_and_score(prompts[mine], group_ids[mine], gen,
+                                                           None if shared is None else shared[self.groups])
+        except Exception as e:  # raised on every rank below, so none waits at a collective
+            error = e
+        raise_if_any_failed(error)
+        # statistics over the whole epoch: every rank's rewards, in the single-process order
+        return EpochRollout(traj, all_gather_tensor(rewards.cpu()),
+                            {k: all_gather_tensor(v.cpu()) for k, v in details.items()},
+                            all_gather_tensor(traj.shared_noise.cpu()))
+
+    def epoch_advantages(self, batch: EpochRollout, prompts: list[str], group_ids: torch.Tensor,
+                         ) -> tuple[torch.Tensor, dict]:
+        """Phase 3: the algorithm's advantages from every rank's rewards; returns this rank's
+        share and the advantage metrics."""
+        adv, metrics = self.algo.advantages(batch.rewards, group_ids, prompts,
+                                            **per_reward_inputs(self.reward, batch.details,
+                                                                self.cfg.grpo.reward_normalization))
+        return adv[self._my_samples], metrics
+
+    def update_policy(self, epoch: int, traj: Trajectory, adv: torch.Tensor, gen: torch.Generator) -> dict:
+        """Phase 4: epoch ``epoch``'s learning rate, the algorithm's update of the policy (rank
+        r > 0 draws from its own stream), the EMA; returns the update metrics averaged over ranks."""
+        cfg = self.cfg
+        self.policy.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = epoch_lr(cfg, epoch)
+        update_gen = gen if self.world.rank == 0 else epoch_generator(cfg.seed, epoch, self.world.rank)
+        metrics = _mean_over_ranks(self.algo.update(self.policy, self.optimizer, traj, adv, update_gen))
+        check_in_sync(self.policy.trainable_parameters())
+        if cfg.ema_decay > 0:
+            self.policy.ema_snapshot("ema", cfg.ema_decay)
+        return metrics
+
     def sample_and_score(self, prompts: list[str], group_ids: torch.Tensor, gen: torch.Generator,
                          shared_groups: torch.Tensor | None = None):
         """Rollout in chunks of whole groups; each chunk is scored in a worker thread while
@@ -428,8 +477,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, tag: str, num_images: int | None = None) -> dict:
-        from diffalign.evaluation.quick import evaluate_policy
-
+        """Evaluation on fixed prompts and seeds (the EMA weights when kept) and its sample grid
+        ``samples/<tag>.png``: the verifier's metrics in ShapesWorld, the training reward's with
+        ``prompt_file``."""
         e = self.cfg.eval
         ctx = self.policy.use_snapshot("ema") if (e.use_ema and self.policy.has_snapshot("ema")) else nullcontext()
         if self.cfg.prompt_file is not None:  # outside ShapesWorld: the training reward on fixed prompts
@@ -444,11 +494,8 @@ class Trainer:
             save_grid(images[:64], self.run.samples_dir / f"{tag}.png", ncol=8, captions=prompts[:64])
             return res
         with ctx:
-            res, images, prompts, verdicts = evaluate_policy(self.policy, e.split, num_images or e.num_images,
-                                                             steps=e.steps, guidance_scale=e.guidance_scale)
-        save_grid(images[:64], self.run.samples_dir / f"{tag}.png", ncol=8, captions=prompts[:64],
-                  marks=[v.score == 1.0 for v in verdicts[:64]])
-        return res
+            return loop.evaluate_to_grid(self.policy, self.run, tag, e.split, num_images or e.num_images,
+                                         steps=e.steps, guidance_scale=e.guidance_scale)
 
     def _log_granularity(self, epoch: int, prompts: list[str], group_ids: torch.Tensor, shared: torch.Tensor) -> None:
         """``granularity.jsonl``: which groups were fine (shared noise) or coarse, per epoch (rank 0)."""
@@ -460,103 +507,44 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------
     def step_epoch(self, epoch: int, on_phase: Callable[[str], None] | None = None) -> dict:
-        """One training epoch in its four phases (sample → score → advantages → update), without
-        evaluation, logging or checkpoints: what :meth:`train` runs per epoch and the diagnostic
-        benchmarks call directly. Adds the epoch's time to ``train_time`` and returns its
-        ``metrics.jsonl`` row. ``on_phase`` is told each phase's name as it starts."""
+        """One training epoch in its four phases (:meth:`epoch_prompts` → :meth:`rollout_and_score`
+        → :meth:`epoch_advantages` → :meth:`update_policy`), without evaluation, logging or
+        checkpoints: what :meth:`train` runs per epoch and the diagnostic benchmarks call directly.
+        Adds the epoch's time to ``train_time`` and returns its ``metrics.jsonl`` row.
+        ``on_phase`` is told each phase's name as it starts."""
         cfg = self.cfg
         phase = on_phase or (lambda _: None)
         t0 = time.perf_counter()
         gen = epoch_generator(cfg.seed, epoch)
         phase("sample")
-        task_probs = self.curriculum.probs() if self.curriculum else None
-        # the whole epoch, same on every rank
-        prompts, group_ids, kinds = sample_prompts_with_tasks(cfg, epoch, task_probs)
-        self.policy.eval()
-        shared = self.algo.shared_groups(epoch, cfg.prompts_per_epoch, gen)
-        mine = slice(self.groups.start * cfg.group_size, self.groups.stop * cfg.group_size)
-        error = None
-        try:
-            traj, rewards, details = self.sample_and_score(prompts[mine], group_ids[mine], gen,
-                                                           None if shared is None else shared[self.groups])
-        except Exception as e:  # raised on every rank below, so none waits at a collective
-            error = e
-        raise_if_any_failed(error)
+        ep = self.epoch_prompts(epoch)
+        batch = self.rollout_and_score(epoch, ep.prompts, ep.group_ids, gen)
         t_sampled = time.perf_counter()
-        # statistics over the whole epoch: every rank's rewards, in the single-process order
-        rewards_all = all_gather_tensor(rewards.cpu())
-        details = {k: all_gather_tensor(v.cpu()) for k, v in details.items()}
-        shared_all = all_gather_tensor(traj.shared_noise.cpu())
-        self._log_granularity(epoch + 1, prompts, group_ids, shared_all)
+        self._log_granularity(epoch + 1, ep.prompts, ep.group_ids, batch.shared_noise)
         phase("update")
-        adv, adv_metrics = self.algo.advantages(rewards_all, group_ids, prompts,
-                                                **per_reward_inputs(self.reward, details,
-                                                                    cfg.grpo.reward_normalization))
-        adv = adv[mine]
+        adv, adv_metrics = self.epoch_advantages(batch, ep.prompts, ep.group_ids)
         if self.curriculum is not None:  # from every rank's rewards: the same on all ranks
-            self.curriculum.update(kinds, rewards_all, group_ids)
-        self.policy.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = epoch_lr(cfg, epoch)
-        update_gen = gen if self.world.rank == 0 else epoch_generator(cfg.seed, epoch, self.world.rank)
-        metrics = _mean_over_ranks(self.algo.update(self.policy, self.optimizer, traj, adv, update_gen))
-        check_in_sync(self.policy.trainable_parameters())
-        if cfg.ema_decay > 0:
-            self.policy.ema_snapshot("ema", cfg.ema_decay)
+            self.curriculum.update(ep.kinds, batch.rewards, ep.group_ids)
+        metrics = self.update_policy(epoch, batch.traj, adv, gen)
         t1 = time.perf_counter()
         self.train_time += t1 - t0
-        row = {"reward": float(rewards_all.mean()), "train_time_s": self.train_time, "lr": epoch_lr(cfg, epoch),
+        row = {"reward": float(batch.rewards.mean()), "train_time_s": self.train_time, "lr": epoch_lr(cfg, epoch),
                "time/sample_s": t_sampled - t0, "time/update_s": t1 - t_sampled,
-               "dgr/coarse_fraction": float((~shared_all).float().mean()), **adv_metrics,
-               **{f"reward/{k}": float(v.mean()) for k, v in details.items()}, **metrics}
-        if task_probs is not None:
-            row |= {f"task_prob/{t}": p for t, p in task_probs.items()}
+               "dgr/coarse_fraction": float((~batch.shared_noise).float().mean()), **adv_metrics,
+               **{f"reward/{k}": float(v.mean()) for k, v in batch.details.items()}, **metrics}
+        if ep.task_probs is not None:
+            row |= {f"task_prob/{t}": p for t, p in ep.task_probs.items()}
         return row
 
     def train(self) -> dict:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+        """Runs the remaining epochs in the shared loop, then writes ``summary.json``."""
         cfg = self.cfg
-        if self.start_epoch == 0:
-            base = run_on_main(lambda: self.evaluate("epoch0000"))
-            self.logger.log(0, {f"eval/{k}": v for k, v in base.items()} | {"train_time_s": 0.0})
-        columns = (TextColumn("[bold]{task.fields[algo]}"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
-                   TextColumn("{task.fields[phase]:>8}"), TextColumn("reward {task.fields[reward]:.3f}"),
-                   TextColumn("eval {task.fields[score]}"), TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=self.console, disable=not self.world.is_main) as bar:
-            task = bar.add_task("train", total=cfg.epochs, completed=self.start_epoch, algo=cfg.algorithm,
-                                phase="", reward=float("nan"), score="-")
-            done = self.start_epoch
-            for epoch in range(self.start_epoch, cfg.epochs):
-                row = self.step_epoch(epoch, on_phase=lambda phase: bar.update(task, phase=phase))
-                done = epoch + 1
-                out_of_time = cfg.max_train_minutes is not None and self.train_time >= 60 * cfg.max_train_minutes
-                out_of_time = broadcast_object(out_of_time)  # rank 0's clock decides for all
-                last = done == cfg.epochs or out_of_time
-                if (cfg.eval.every and done % cfg.eval.every == 0) or last:
-                    bar.update(task, phase="eval")
-                    res = run_on_main(partial(self.evaluate, f"epoch{done:04d}"))
-                    row |= {f"eval/{k}": v for k, v in res.items()}
-                    bar.update(task, score=f"{res['score']:.3f}")
-                self.logger.log(done, row)
-                if done % cfg.ckpt_every == 0 or last:
-                    self._save(done)
-                bar.update(task, completed=done, reward=row["reward"], phase="")
-                if out_of_time:
-                    break
-        self.logger.close()
-        final = {"epochs": done if cfg.epochs > self.start_epoch else cfg.epochs, "train_time_s": self.train_time}
-        return run_on_main(lambda: self._summarize(final))
-
-    def _summarize(self, final: dict) -> dict:
-        """``summary.json`` and ``curves.png`` from the metrics (rank 0)."""
-        rows = read_metrics(self.run.metrics_path)
-        evals = [r for r in rows if "eval/score" in r]
-        if evals:
-            final |= {"base_score": evals[0]["eval/score"], "final_score": evals[-1]["eval/score"]}
-        plot_curves(self.run.path, rows)
-        (self.run.path / "summary.json").write_text(json.dumps(final, indent=2))
-        return final
+        runner = loop.TrainLoop(self.step_epoch, self.evaluate, self._save, unit="epoch", label=cfg.algorithm,
+                                start=self.start_epoch, total=cfg.epochs, eval_every=cfg.eval.every,
+                                ckpt_every=cfg.ckpt_every, max_train_minutes=cfg.max_train_minutes)
+        out = runner.run(self.logger, self.console)
+        final = {"epochs": out.done if cfg.epochs > self.start_epoch else cfg.epochs, "train_time_s": self.train_time}
+        return run_on_main(lambda: loop.write_summary(self.run, final, plot_curves))
 
 
 def _granularity_line(epoch: int, prompts: list[str], group_ids: torch.Tensor, shared: torch.Tensor) -> str:
@@ -578,19 +566,6 @@ def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in reports if k in r])) for k in keys}
 
 
-class _NoLogger:
-    """The metrics logger of ranks other than 0: they compute the same rows but write nothing."""
-
-    def log(self, step: int, metrics: dict) -> None:
-        pass
-
-    def truncate_after(self, step: int) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
-
-
 class _Done:
     def __init__(self, value):
         self.value = value
@@ -601,16 +576,11 @@ class _Done:
 
 def plot_curves(run_path: Path, rows: list[dict]) -> Path | None:
     """``curves.png``: eval score and training reward vs epoch and vs training wall-clock."""
-    import matplotlib
+    return loop.plot_run_curves(run_path, rows, "reward", 2, 10, _draw_reward_curves)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    ev = [r for r in rows if "eval/score" in r]
-    tr = [r for r in rows if "reward" in r]
-    if not ev and not tr:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+def _draw_reward_curves(axes, ev: list[dict], tr: list[dict]) -> None:
+    """Eval score and train reward vs epoch (left) and vs training minutes (right)."""
     for ax, x in zip(axes, ("step", "train_time_s"), strict=True):
         scale = 60.0 if x == "train_time_s" else 1.0
         if ev:
@@ -620,9 +590,3 @@ def plot_curves(run_path: Path, rows: list[dict]) -> Path | None:
         ax.set_xlabel("epoch" if x == "step" else "training wall-clock (min)")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(run_path.name)
-    fig.tight_layout()
-    out = run_path / "curves.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
