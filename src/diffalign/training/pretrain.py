@@ -139,94 +139,138 @@ def quick_eval(unet: FlowUNet, image_size: int, n: int = 48, steps: int = 20, cf
     return evaluate_policy(TinyFlowPolicy(unet.eval(), image_size), split, n, steps=steps, guidance_scale=cfg_scale)
 
 
+def _check_resume_config(cfg: PretrainConfig, out: Path) -> None:
+    """Raise unless ``cfg`` equals the run's saved config (``steps`` may differ)."""
+    # options added after the run was made count at their defaults
+    saved = json.loads(json.dumps(asdict(PretrainConfig()))) | json.loads((out / "config.json").read_text())
+    now = json.loads(json.dumps(asdict(cfg)))
+    diff = sorted(k for k in set(saved) | set(now) if k != "steps" and saved.get(k) != now.get(k))
+    if diff:
+        raise ConfigError(f"resume config differs from the run's saved config in {diff}; resume with the same options")
+
+
+def _new_model(cfg: PretrainConfig, out: Path) -> tuple[FlowUNet, dict[str, torch.Tensor]]:
+    """A freshly initialised model and its EMA weights; writes ``out/config.json``."""
+    if (out / "checkpoint" / "state.json").exists():
+        raise ConfigError(f"{out} already holds a pretraining run; pass --resume to continue it or pick a new --out")
+    torch.manual_seed(cfg.seed)
+    model = FlowUNet(UNetConfig(channels=tuple(cfg.channels), blocks_per_level=cfg.blocks_per_level, **cfg.unet))
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return model, ema
+
+
+def _start(cfg: PretrainConfig, out: Path, resume: bool):
+    """Phase 1: ``(model, ema, optimizer, first step, seconds already spent)``, new or resumed."""
+    if resume:
+        state, model, ema, opt_state = _load_state(out)
+        start, elapsed0 = state["step"], state["elapsed_s"]
+        _check_resume_config(cfg, out)
+    else:
+        model, ema = _new_model(cfg, out)
+        opt_state, start, elapsed0 = None, 0, 0.0
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    return model, ema, opt, start, elapsed0
+
+
+def _train_step(cfg: PretrainConfig, step: int, model: FlowUNet, opt: torch.optim.Optimizer, train, text, null):
+    """Phase 2: one flow-matching step on a fresh batch, ``x_σ = (1−σ)·x0 + σ·ε``, target
+    ``ε − x0``; returns ``(loss, grad_norm)``."""
+    prompts, x0, sigma, noise, drop = _batch(cfg, step, train)
+    cond = text(prompts)
+    if drop.any():
+        cond.tokens[drop], cond.mask[drop], cond.pooled[drop] = null.tokens, null.mask, null.pooled
+    s = sigma[:, None, None, None]
+    x_t = (1 - s) * x0 + s * noise
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        v = model(x_t, sigma, cond.tokens, cond.mask, cond.pooled)
+    loss = F.mse_loss(v.float(), noise - x0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    for group in opt.param_groups:
+        group["lr"] = _lr(cfg, step)
+    opt.step()
+    return loss, gnorm
+
+
+@torch.no_grad()
+def _update_ema(ema: dict[str, torch.Tensor], model: FlowUNet, decay: float) -> None:
+    """``ema ← d·ema + (1 − d)·θ`` for float tensors; other buffers are copied."""
+    for k, p in model.state_dict().items():
+        ema[k].mul_(decay).add_(p, alpha=1 - decay) if p.dtype.is_floating_point else ema[k].copy_(p)
+
+
+def _due(done: int, every: int, total: int) -> bool:
+    return done % every == 0 or done == total
+
+
+def _save_checkpoints(cfg: PretrainConfig, out: Path, done: int, model, ema, opt, t0: float) -> None:
+    """Phase 3a: the resumable checkpoint and an EMA snapshot of step ``done``."""
+    _save_state(out, cfg, done, model, ema, opt, time.time() - t0)
+    save_unet(out / f"ema_step{done:06d}.safetensors", model, cfg.image_size,
+              {"step": done, "elapsed_s": time.time() - t0}, state_dict=ema)
+
+
+def _sample_and_score(cfg: PretrainConfig, out: Path, done: int, model: FlowUNet, ema, log, bar) -> None:
+    """Phase 3b: a grid of EMA samples with verifier verdicts, and their score in the log."""
+    from diffalign.evaluation.grid import save_grid
+
+    ema_model = FlowUNet(model.config)
+    ema_model.load_state_dict(ema)
+    res, images, prompts_e, verdicts = quick_eval(ema_model, cfg.image_size)
+    save_grid(images, out / "samples" / f"step{done:06d}.png", ncol=8,
+              captions=prompts_e, marks=[v.score == 1.0 for v in verdicts])
+    log.write(json.dumps({"step": done, "eval_score_test48": res["score"]}) + "\n")
+    log.flush()
+    bar.console.print(f"step {done}: verifier score on 48 test prompts = {res['score']:.3f}")
+
+
+def _progress_bar(console):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console)
+
+
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, console=None,
              stop_after: int | None = None) -> Path:
     """Run (or resume) pretraining into ``out_dir``; returns the final EMA checkpoint path.
 
+    Phases: start (new or resumed), then per step train → EMA → log / checkpoint / sample.
     ``stop_after``: return after this step (as an interruption would), without the final
     checkpoint; the last periodic checkpoint is what ``resume`` continues from."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from diffalign.evaluation.grid import save_grid
-
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
-    if resume:
-        state, model, ema, opt_state = _load_state(out)
-        start, elapsed0 = state["step"], state["elapsed_s"]
-        # options added after the run was made count at their defaults
-        saved = json.loads(json.dumps(asdict(PretrainConfig()))) | json.loads((out / "config.json").read_text())
-        now = json.loads(json.dumps(asdict(cfg)))
-        diff = sorted(k for k in set(saved) | set(now) if k != "steps" and saved.get(k) != now.get(k))
-        if diff:
-            raise ConfigError(f"resume config differs from the run's saved config in {diff}; resume with the same options")
-    else:
-        if (out / "checkpoint" / "state.json").exists():
-            raise ConfigError(f"{out} already holds a pretraining run; pass --resume to continue it or pick a new --out")
-        torch.manual_seed(cfg.seed)
-        model = FlowUNet(UNetConfig(channels=tuple(cfg.channels), blocks_per_level=cfg.blocks_per_level, **cfg.unet))
-        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        opt_state, start, elapsed0 = None, 0, 0.0
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
+    model, ema, opt, start, elapsed0 = _start(cfg, out, resume)
     train = prompt_splits()["train"]
     text = shared_text_encoder()
     null = text([""])
-    log = (out / "metrics.jsonl").open("a")
     t0 = time.time() - elapsed0
     model.train()
-    with Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=console) as bar:
+    with (out / "metrics.jsonl").open("a") as log, _progress_bar(console) as bar:
         task = bar.add_task("pretrain", total=cfg.steps, completed=start, loss=float("nan"))
         for step in range(start, cfg.steps):
-            prompts, x0, sigma, noise, drop = _batch(cfg, step, train)
-            cond = text(prompts)
-            if drop.any():
-                cond.tokens[drop], cond.mask[drop], cond.pooled[drop] = null.tokens, null.mask, null.pooled
-            s = sigma[:, None, None, None]
-            x_t = (1 - s) * x0 + s * noise
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                v = model(x_t, sigma, cond.tokens, cond.mask, cond.pooled)
-            loss = F.mse_loss(v.float(), noise - x0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            for group in opt.param_groups:
-                group["lr"] = _lr(cfg, step)
-            opt.step()
-            d = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for k, p in model.state_dict().items():
-                    ema[k].mul_(d).add_(p, alpha=1 - d) if p.dtype.is_floating_point else ema[k].copy_(p)
+            loss, gnorm = _train_step(cfg, step, model, opt, train, text, null)
+            _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
             done = step + 1
             bar.update(task, completed=done, loss=loss.item())
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            if _due(done, cfg.log_every, cfg.steps):
                 log.write(json.dumps({"step": done, "loss": loss.item(), "grad_norm": float(gnorm),
                                       "lr": _lr(cfg, step), "elapsed_s": time.time() - t0}) + "\n")
                 log.flush()
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                _save_state(out, cfg, done, model, ema, opt, time.time() - t0)
-                save_unet(out / f"ema_step{done:06d}.safetensors", model, cfg.image_size,
-                          {"step": done, "elapsed_s": time.time() - t0}, state_dict=ema)
-            if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
-                ema_model = FlowUNet(model.config)
-                ema_model.load_state_dict(ema)
-                res, images, prompts_e, verdicts = quick_eval(ema_model, cfg.image_size)
-                save_grid(images, out / "samples" / f"step{done:06d}.png", ncol=8,
-                          captions=prompts_e, marks=[v.score == 1.0 for v in verdicts])
-                log.write(json.dumps({"step": done, "eval_score_test48": res["score"]}) + "\n")
-                log.flush()
-                bar.console.print(f"step {done}: verifier score on 48 test prompts = {res['score']:.3f}")
+            if _due(done, cfg.ckpt_every, cfg.steps):
+                _save_checkpoints(cfg, out, done, model, ema, opt, t0)
+            if cfg.sample_every and _due(done, cfg.sample_every, cfg.steps):
+                _sample_and_score(cfg, out, done, model, ema, log, bar)
             if stop_after is not None and done >= stop_after:
-                log.close()
                 return out / "checkpoint" / "ema.safetensors"
-    log.close()
     final = out / "ema_final.safetensors"
     save_unet(final, model, cfg.image_size, {"steps": cfg.steps, "seed": cfg.seed,
                                              "elapsed_s": time.time() - t0}, state_dict=ema)
