@@ -1,9 +1,11 @@
 """Signal-to-noise of the policy-gradient estimate: how much of one epoch's gradient is signal.
 
 For a preset (default ``flow_grpo``) at its starting policy, draws ``--batches`` independent
-epochs (prompts, rollouts, rewards, advantages: exactly the trainer's, each from its own seed)
-and computes the gradient of the preset's update loss on each, without stepping (one
-minibatch holding the whole epoch). With ``g_k = μ + n_k`` (``μ`` the true gradient, ``n_k``
+epochs through the trainer's own first three phases (``Trainer.epoch_prompts`` →
+``rollout_and_score`` → ``epoch_advantages``; batch ``k`` draws its prompts as epoch
+``1000 + k``, its rollout from seed ``10000 + k``) and computes the gradient of the preset's
+update loss on each with the algorithm's update and a zero-learning-rate optimizer, so nothing
+steps (one minibatch holding the whole epoch). With ``g_k = μ + n_k`` (``μ`` the true gradient, ``n_k``
 zero-mean noise, independent across batches):
 
 - ``E[g_i·g_j] = |μ|²`` for ``i ≠ j`` and ``E[|g_i|²] = |μ|² + E|n|²``, so the **signal
@@ -32,9 +34,10 @@ import torch
 
 
 def gradients(preset: str, batches: int, overrides: list[str], threads: int) -> dict:
+    """One flattened update gradient per independent epoch at the starting policy, and their statistics."""
     from diffalign.cli import resolve_preset
     from diffalign.config import load_config
-    from diffalign.training.trainer import TrainConfig, Trainer, sample_prompts_with_tasks
+    from diffalign.training.trainer import TrainConfig, Trainer
 
     torch.set_num_threads(threads)
     path = resolve_preset(preset)
@@ -51,14 +54,13 @@ def gradients(preset: str, batches: int, overrides: list[str], threads: int) -> 
         params = [p for p in policy.trainable_parameters() if p.requires_grad]
         for k in range(batches):
             gen = torch.Generator().manual_seed(10_000 + k)
-            prompts, group_ids, _ = sample_prompts_with_tasks(cfg, 1000 + k, None)
-            policy.eval()
-            shared = trainer.algo.shared_groups(k, cfg.prompts_per_epoch, gen)
-            traj, reward, _ = trainer.sample_and_score(prompts, group_ids, gen, shared)
-            adv, metrics = trainer.algo.advantages(reward, group_ids, prompts)
+            ep = trainer.epoch_prompts(1000 + k)  # the curriculum (if any) never updates here: uniform tasks
+            batch = trainer.rollout_and_score(k, ep.prompts, ep.group_ids, gen)  # DGR granularity of epoch k
+            adv, metrics = trainer.epoch_advantages(batch, ep.prompts, ep.group_ids)
+            reward = batch.rewards
             policy.train()
-            frozen = torch.optim.SGD(params, lr=0.0)  # the update's gradient, no step
-            trainer.algo.update(policy, frozen, traj, adv, gen)
+            frozen = torch.optim.SGD(params, lr=0.0)  # the update's gradient, no step (not Trainer.update_policy)
+            trainer.algo.update(policy, frozen, batch.traj, adv, gen)
             grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
                                     for p in params]))
             rewards.append(float(reward.mean()))
