@@ -109,13 +109,10 @@ class _Builder:
         return False
 
 
-def build_proxy_pairs(cfg: ProxyPairsConfig, *, progress=None) -> dict:
-    """Build the pair dataset (a dict ready for :func:`save_pairs`). ``progress(msg)`` gets status lines."""
-    cfg.validate()
-    say = progress or (lambda msg: None)
-    prompts = eval_prompts(cfg.split, cfg.num_prompts, seed=cfg.seed)
-    rng = random.Random(cfg.seed)
-    b = _Builder()
+def _render_pairs(cfg: ProxyPairsConfig, prompts: list[str], rng: random.Random, b: _Builder) -> list[int]:
+    """Phase 1: each prompt's render against its near-misses and another prompt's render.
+
+    Returns the image index of every prompt's render."""
     renders: list[int] = []
     for i, p in enumerate(prompts):
         s = cfg.seed * 1_000_000 + i
@@ -128,42 +125,65 @@ def build_proxy_pairs(cfg: ProxyPairsConfig, *, progress=None) -> dict:
         q = prompts[rng.randrange(len(prompts))]
         if parse_prompt(q) != parse_prompt(p):
             b.pair(p, r, b.add(render(q, s)[0], p, "other_prompt"), "other_prompt")
-    say(f"{len(prompts)} renders, {len(b.pairs)} render pairs")
+    return renders
 
-    if cfg.base_prompts:
-        from diffalign.models.tiny import TinyFlowPolicy
-        from diffalign.sampling.generate import generate
-        from diffalign.world.render import to_uint8
 
-        policy = TinyFlowPolicy.from_checkpoint(cfg.base_model).eval()
-        k = cfg.base_images_per_prompt
-        idx = list(range(cfg.base_prompts))
-        gen_prompts = [prompts[i] for i in idx for _ in range(k)]
-        gen_seeds = [cfg.seed * 1_000_000 + 500_000 + i * k + j for i in idx for j in range(k)]
-        t0 = time.perf_counter()
-        done = [0]
+def _base_images(cfg: ProxyPairsConfig, prompts: list[str], say) -> tuple[np.ndarray, list[int]]:
+    """``base_images_per_prompt`` base-model images of each of the first ``base_prompts``
+    prompts (contiguous per prompt), uint8, and their seeds."""
+    from diffalign.models.tiny import TinyFlowPolicy
+    from diffalign.sampling.generate import generate
+    from diffalign.world.render import to_uint8
 
-        def tick(n):
-            done[0] += n
-            say(f"base images {done[0]}/{len(gen_prompts)} ({time.perf_counter() - t0:.0f} s)")
+    policy = TinyFlowPolicy.from_checkpoint(cfg.base_model).eval()
+    k = cfg.base_images_per_prompt
+    gen_prompts = [prompts[i] for i in range(cfg.base_prompts) for _ in range(k)]
+    gen_seeds = [cfg.seed * 1_000_000 + 500_000 + i * k + j for i in range(cfg.base_prompts) for j in range(k)]
+    t0 = time.perf_counter()
+    done = [0]
 
-        images = to_uint8(generate(policy, gen_prompts, gen_seeds, steps=cfg.base_steps, cfg=cfg.base_cfg,
-                                   batch_size=64, progress=tick))
-        for n, i in enumerate(idx):
-            p = prompts[i]
-            ids = [b.add(images[n * k + j], p, "base") for j in range(k)]
-            wins = [j for j in ids if b.image_score[j] == 1.0]
-            fails = [j for j in ids if b.image_score[j] == 0.0]
+    def tick(n):
+        done[0] += n
+        say(f"base images {done[0]}/{len(gen_prompts)} ({time.perf_counter() - t0:.0f} s)")
+
+    images = to_uint8(generate(policy, gen_prompts, gen_seeds, steps=cfg.base_steps, cfg=cfg.base_cfg,
+                               batch_size=64, progress=tick))
+    return images, gen_seeds
+
+
+def _base_pairs(cfg: ProxyPairsConfig, prompts: list[str], renders: list[int], rng: random.Random,
+                b: _Builder, say) -> None:
+    """Phase 2: base-model images against renders, near-misses and each other (``BASE_KINDS``)."""
+    images, gen_seeds = _base_images(cfg, prompts, say)
+    k = cfg.base_images_per_prompt
+    for i in range(cfg.base_prompts):
+        p = prompts[i]
+        ids = [b.add(images[i * k + j], p, "base") for j in range(k)]
+        wins = [j for j in ids if b.image_score[j] == 1.0]
+        fails = [j for j in ids if b.image_score[j] == 0.0]
+        for f in fails:
+            b.pair(p, renders[i], f, "base_failure")
+        for w in wins:
+            nm_seed = gen_seeds[i * k] + 17
+            kinds = [kd for kd in NEAR_MISS_KINDS if near_miss(p, nm_seed, kd) is not None]
+            kd = rng.choice(kinds)
+            nm = b.add(near_miss(p, nm_seed, kd), p, f"nearmiss:{kd}")
+            b.pair(p, w, nm, "base_success_vs_nearmiss")
             for f in fails:
-                b.pair(p, renders[i], f, "base_failure")
-            for w in wins:
-                nm_seed = gen_seeds[n * k] + 17
-                kinds = [kd for kd in NEAR_MISS_KINDS if near_miss(p, nm_seed, kd) is not None]
-                kd = rng.choice(kinds)
-                nm = b.add(near_miss(p, nm_seed, kd), p, f"nearmiss:{kd}")
-                b.pair(p, w, nm, "base_success_vs_nearmiss")
-                for f in fails:
-                    b.pair(p, w, f, "base_vs_base")
+                b.pair(p, w, f, "base_vs_base")
+
+
+def build_proxy_pairs(cfg: ProxyPairsConfig, *, progress=None) -> dict:
+    """Build the pair dataset (a dict ready for :func:`save_pairs`). ``progress(msg)`` gets status lines."""
+    cfg.validate()
+    say = progress or (lambda msg: None)
+    prompts = eval_prompts(cfg.split, cfg.num_prompts, seed=cfg.seed)
+    rng = random.Random(cfg.seed)
+    b = _Builder()
+    renders = _render_pairs(cfg, prompts, rng, b)
+    say(f"{len(prompts)} renders, {len(b.pairs)} render pairs")
+    if cfg.base_prompts:
+        _base_pairs(cfg, prompts, renders, rng, b, say)
     say(f"{len(b.images)} images, {len(b.pairs)} pairs")
     return {
         "format": PAIRS_FORMAT,
