@@ -103,7 +103,7 @@ PROMPTS = ["a red circle", "two blue squares", "a green triangle above a red cir
 def test_concurrent_clients_get_the_in_process_scores(server):
     local = build_reward("multi", **MULTI)
     before = health(server)
-    jobs = [(u8_images(4, 32 if i % 3 else 48, seed=i), PROMPTS) for i in range(8)]
+    jobs = [(u8_images(4, 32 if i % 3 else 64, seed=i), PROMPTS) for i in range(8)]
     results, errors = [None] * len(jobs), []
     barrier = threading.Barrier(len(jobs))
 
@@ -161,12 +161,44 @@ def png64(h=16, w=16) -> str:
     (json.dumps({"images": [png64()], "prompts": ["a red circle"], "metadata": {"a": 1}}).encode(), 422, "metadata"),
     (json.dumps({"images": [png64()] * 17, "prompts": ["a red circle"] * 17}).encode(), 413, "limit is 16"),
     (json.dumps({"images": [png64()], "prompts": ["x" * (3 * 2**20 // 2)]}).encode(), 413, "exceeds max_request_mb=1"),
+    # parser failures: nesting depth, text encodings, huge integers
+    (b"[" * 5000 + b"]" * 5000, 400, "nests JSON arrays / objects too deeply"),
+    (b'{"a":' * 5000 + b"1" + b"}" * 5000, 400, "too deeply"),
+    (b'{"images": ["\xff\xfe"]}', 400, "not valid JSON.*UnicodeDecodeError"),
+    ("\ufeff{}".encode("utf-16-le")[:-1], 400, "not valid JSON"),
+    (b'{"images": [' + b"9" * 5000 + b"]}", 400, "not valid JSON"),
+    # the reward's declared input size (multi of jpeg and the verifier: ShapesWorld's 32 or 64)
+    (json.dumps({"images": [png64(7, 7)], "prompts": ["a red circle"]}).encode(), 422,
+     r"takes \(B, 3, S, S\) images of 32×32 or 64×64 pixels; got shape \(1, 3, 7, 7\)"),
 ], ids=lambda v: None if isinstance(v, bytes) else str(v)[:40])
 def test_malformed_and_oversized_requests_get_4xx(server, body, status, needle):
+    before = health(server)
     code, payload = post(server, body)
     assert code == status, payload
     assert payload["error"] and re.search(needle, payload["error"]), payload
-    assert health(server)["status"] == "ok"  # the server keeps serving
+    after = health(server)
+    assert after["status"] == "ok"  # the server keeps serving
+    assert after["errors"] == before["errors"] + 1  # and counts the answer
+    assert after["responses"][str(status)] == before["responses"].get(str(status), 0) + 1
+
+
+def test_unknown_paths_and_methods_answer_json(server):
+    for method, path, status in [("GET", "/nope", 404), ("GET", "/score", 405), ("POST", "/health", 405)]:
+        req = urllib.request.Request(server + path, data=b"{}" if method == "POST" else None, method=method)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == status and "POST /score" in json.loads(e.value.read())["error"]
+    assert health(server)["input_sizes"] == [32, 64]
+
+
+def test_verifier_rejects_images_of_another_size():
+    verifier = build_reward("shapes_verifier")
+    with pytest.raises(ValueError, match=r"'shapes_verifier\[partial\]' takes .* 32×32 or 64×64 pixels; got shape "
+                                         r"\(2, 3, 7, 7\)"):
+        verifier(torch.rand(2, 3, 7, 7), ["a red circle"] * 2, [{}] * 2)
+    with pytest.raises(RewardError, match="32×32 or 64×64"):  # training and evaluation: checked_call
+        checked_call(verifier, torch.rand(1, 3, 48, 48), ["a red circle"], [{}])
+    assert checked_call(verifier, torch.ones(1, 3, 64, 64), ["a red circle"], [{}]).scores.shape == (1,)
 
 
 def test_client_does_not_retry_requests_the_server_rejects(server):
@@ -176,7 +208,7 @@ def test_client_does_not_retry_requests_the_server_rejects(server):
         RemoteReward(server, max_images_per_request=32)(u8_images(17, 8, 0), ["a red circle"] * 17, [{}] * 17)
     # a prompt the reward itself rejects: the server answers 500 naming the reward; no retry
     with pytest.raises(RewardError, match=r"HTTP 500: reward 'multi.*part 'verifier'.*PromptError"):
-        checked_call(client, u8_images(1, 16, 0), ["hello world"], [{}])
+        checked_call(client, u8_images(1, 32, 0), ["hello world"], [{}])
     assert client.attempts == 1 and time.monotonic() - t0 < 20
     with pytest.raises(RewardError, match="serves 'multi"):
         RemoteReward(server, expect_reward="pickscore")(u8_images(1, 16, 0), ["a red circle"], [{}])

@@ -11,12 +11,14 @@ from diffalign.rewards import verifier as _verifier  # noqa: F401  (registers sh
 from diffalign.rewards.base import (
     Reward,
     RewardError,
+    RewardInputError,
     RewardOutput,
     available_rewards,
     build_reward,
+    check_input,
     checked_call,
     register_reward,
 )
 
-__all__ = ["Reward", "RewardError", "RewardOutput", "available_rewards", "build_reward", "checked_call",
-           "register_reward"]
+__all__ = ["Reward", "RewardError", "RewardInputError", "RewardOutput", "available_rewards", "build_reward",
+           "check_input", "checked_call", "register_reward"]

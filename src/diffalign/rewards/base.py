@@ -7,6 +7,11 @@ A reward scores decoded images against their prompts::
         def __call__(self, images, prompts, metadata) -> RewardOutput: ...
 
 ``images`` are float ``(B, 3, H, W)`` in [0, 1]; ``metadata`` one dict per image.
+
+A reward whose model takes only some image sizes declares them as ``input_sizes``: the square
+sides (pixels) it accepts, e.g. ``(32, 64)``; absent or None accepts any size.
+:func:`check_input` enforces the declaration, and :func:`checked_call` (training, evaluation,
+the reward server) calls it before scoring.
 """
 
 from __future__ import annotations
@@ -39,6 +44,31 @@ class RewardError(DiffalignError):
     """A reward failed (raised, or returned NaN / wrong shapes); names the reward."""
 
 
+class RewardInputError(RewardError, ValueError):
+    """Images a reward does not take (wrong shape, or a size outside its ``input_sizes``)."""
+
+
+def input_sizes(reward: object) -> tuple[int, ...] | None:
+    """The square image sides ``reward`` declares it accepts (None: any size)."""
+    sizes = getattr(reward, "input_sizes", None)
+    return None if sizes is None else tuple(int(s) for s in sizes)
+
+
+def check_input(reward: object, images: torch.Tensor) -> None:
+    """Raise :class:`RewardInputError`, naming the expected size, when ``images`` are not
+    ``(B, 3, S, S)`` with ``S`` among the reward's declared ``input_sizes``."""
+    sizes = input_sizes(reward)
+    if sizes is None:
+        return
+    shape = tuple(images.shape)
+    if len(shape) == 4 and shape[1] == 3 and shape[2] == shape[3] and shape[2] in sizes:
+        return
+    name = getattr(reward, "name", type(reward).__name__)
+    expected = " or ".join(f"{s}×{s}" for s in sizes) or "no size (its parts declare disjoint sizes), so no"
+    raise RewardInputError(f"reward {name!r} takes (B, 3, S, S) images of {expected} pixels; got shape {shape}. "
+                           "Resize the images or use a reward made for this size.")
+
+
 _REGISTRY: dict[str, Callable[..., Reward]] = {}
 
 
@@ -63,9 +93,11 @@ def available_rewards() -> list[str]:
 
 
 def checked_call(reward: Reward, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:
-    """Call ``reward`` and validate its output; any failure becomes a :class:`RewardError`
-    naming the reward, so a training run stops with a clear message."""
+    """Check the images against the reward's declared ``input_sizes``, call ``reward`` and
+    validate its output; any failure becomes a :class:`RewardError` naming the reward, so a
+    training run stops with a clear message."""
     name = getattr(reward, "name", type(reward).__name__)
+    check_input(reward, images)
     try:
         out = reward(images, prompts, metadata)
     except DiffalignError:

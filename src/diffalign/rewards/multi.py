@@ -20,7 +20,14 @@ from __future__ import annotations
 import torch
 
 from diffalign.errors import ConfigError, DiffalignError
-from diffalign.rewards.base import RewardError, RewardOutput, build_reward, checked_call, register_reward
+from diffalign.rewards.base import (
+    RewardError,
+    RewardOutput,
+    build_reward,
+    checked_call,
+    input_sizes,
+    register_reward,
+)
 
 _SPEC_KEYS = {"reward", "weight", "kwargs"}
 
@@ -53,6 +60,12 @@ class MultiReward:
             self.components[cname] = build_reward(spec.get("reward", cname), **dict(spec.get("kwargs") or {}))
             self.weights[cname] = weight
         self.name = "multi[" + ",".join(f"{k}×{w:g}" for k, w in self.weights.items()) + "]"
+
+    @property
+    def input_sizes(self) -> tuple[int, ...] | None:
+        """The image sides every component takes (None: any size)."""
+        declared = [set(s) for s in map(input_sizes, self.components.values()) if s is not None]
+        return None if not declared else tuple(sorted(set.intersection(*declared)))
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:
         total = torch.zeros(len(prompts), dtype=torch.float32)

@@ -11,18 +11,23 @@ further requests for up to ``batch_wait_ms`` or until ``max_batch_images``, then
 call scores them all (split by image size) in a single worker thread, so a GPU model sees
 large batches and never two calls at once.
 
-Errors are JSON ``{"error": message}``: 400 body is not JSON; 422 fields missing, of the
-wrong type or length, or an image that is not a readable PNG; 413 body larger than
-``max_request_mb`` or more than ``max_images_per_request`` images; 503 queue full (retry
-later); 504 not scored within ``request_timeout_s``; 500 the reward itself failed (the
-message names it). A failing batch of several requests is retried one request at a time, so
-one bad request cannot fail its neighbours.
+Every answer is JSON; errors are ``{"error": message, "reward": name}``: 400 the body is not
+JSON (syntax, text encoding, nesting too deep to parse); 404 / 405 unknown path or method; 422
+fields missing, of the wrong type or length, an image that is not a readable PNG, or images of a
+size the reward does not take (its declared ``input_sizes``, checked before queueing); 413 body
+larger than ``max_request_mb`` or more than ``max_images_per_request`` images; 503 queue full
+(retry later); 504 not scored within ``request_timeout_s``; 500 the reward itself failed (the
+message names it), or a server bug (logged). A failing batch of several requests is retried one
+request at a time, so one bad request cannot fail its neighbours. ``/health`` counts every
+answer by status (``responses``) and every 4xx / 5xx in ``errors``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -31,8 +36,10 @@ from dataclasses import dataclass, field
 import torch
 
 from diffalign.config import check_ranges, ranged
-from diffalign.rewards.base import Reward, checked_call
+from diffalign.rewards.base import Reward, RewardInputError, check_input, checked_call, input_sizes
 from diffalign.rewards.remote import decode_image, images_to_tensor
+
+_log = logging.getLogger("diffalign.reward_server")
 
 
 @dataclass
@@ -80,7 +87,7 @@ class Batcher:
         self.queue: asyncio.Queue[_Job] | None = None
         self.carry: _Job | None = None
         self.queued_images = 0
-        self.stats = {"requests": 0, "batches": 0, "images": 0, "errors": 0, "timeouts": 0,
+        self.stats = {"requests": 0, "batches": 0, "images": 0, "errors": 0, "reward_failures": 0, "timeouts": 0,
                       "max_requests_per_batch": 0, "reward_seconds": 0.0}
 
     def submit(self, job: _Job) -> None:
@@ -130,10 +137,11 @@ class Batcher:
                 for j in jobs:
                     await self._run_group([j])
                 return
-            self.stats["errors"] += 1
+            self.stats["reward_failures"] += 1
             if not jobs[0].future.done():
                 name = getattr(self.reward, "name", type(self.reward).__name__)
-                jobs[0].future.set_exception(_HTTPError(500, f"reward {name!r} failed: {type(e).__name__}: {e}"))
+                status = 422 if isinstance(e, RewardInputError) else 500  # the images, not the reward
+                jobs[0].future.set_exception(_HTTPError(status, f"reward {name!r} failed: {type(e).__name__}: {e}"))
             return
         finally:
             self.stats["reward_seconds"] += time.perf_counter() - t0
@@ -168,7 +176,57 @@ class Batcher:
                             j.future.set_exception(_HTTPError(500, f"{type(e).__name__}: {e}"))
 
 
-def _parse(payload, cfg: ServerConfig) -> tuple[torch.Tensor, list[str], list[dict]]:
+def _short(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _json_safe(value):
+    """A copy with non-finite floats as None (strict JSON has no NaN / Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _json_response(content, status: int = 200):
+    """A strict-JSON response (ASCII-escaped, so any string encodes, even a lone surrogate)."""
+    from starlette.responses import Response
+
+    try:
+        body = json.dumps(content, ensure_ascii=True, allow_nan=False)
+    except ValueError:
+        body = json.dumps(_json_safe(content), ensure_ascii=True, allow_nan=False)
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def _loads(body: bytes):
+    """The decoded JSON body; every parser failure (syntax, encoding, nesting depth) is a 400."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise _HTTPError(400, "the body nests JSON arrays / objects too deeply to parse; send one flat object "
+                              "{\"images\": [...], \"prompts\": [...]}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (not UTF-8/16/32), int too long
+        raise _HTTPError(400, f"the body is not valid JSON ({type(e).__name__}: {_short(e)})") from None
+
+
+def _decode_images(images: list) -> torch.Tensor:
+    arrays = []
+    for i, data in enumerate(images):
+        try:
+            arrays.append(decode_image(data))
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
+            raise _HTTPError(422, f"images[{i}]: {_short(e)}") from None
+    if len({a.shape for a in arrays}) > 1:
+        raise _HTTPError(422, f"images in one request must share one size; got {sorted({a.shape[:2] for a in arrays})}")
+    return images_to_tensor(arrays)
+
+
+def _parse(payload, cfg: ServerConfig, reward: Reward | None = None) -> tuple[torch.Tensor, list[str], list[dict]]:
     """Validate a decoded JSON body; raises _HTTPError(422/413) that says what is wrong."""
     if not isinstance(payload, dict):
         raise _HTTPError(422, f"the body must be a JSON object with 'images' and 'prompts', got {type(payload).__name__}")
@@ -189,93 +247,121 @@ def _parse(payload, cfg: ServerConfig) -> tuple[torch.Tensor, list[str], list[di
         metadata = [{} for _ in prompts]
     if not isinstance(metadata, list) or len(metadata) != len(prompts) or not all(isinstance(m, dict) for m in metadata):
         raise _HTTPError(422, "'metadata', when given, must be a list of one JSON object per image")
-    arrays = []
-    for i, data in enumerate(images):
-        try:
-            arrays.append(decode_image(data))
-        except ValueError as e:
-            raise _HTTPError(422, f"images[{i}]: {e}") from e
-    if len({a.shape for a in arrays}) > 1:
-        raise _HTTPError(422, f"images in one request must share one size; got {sorted({a.shape[:2] for a in arrays})}")
-    return images_to_tensor(arrays), prompts, metadata
+    tensor = _decode_images(images)
+    try:
+        check_input(reward, tensor)  # the reward's declared input size, before it is queued
+    except RewardInputError as e:
+        raise _HTTPError(422, str(e)) from None
+    return tensor, prompts, metadata
 
 
-def create_app(reward: Reward, cfg: ServerConfig | None = None):
-    """The Starlette application serving ``reward``."""
-    from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
+def _decode_request(body: bytes, cfg: ServerConfig, reward: Reward):
+    """Body bytes → (images, prompts, metadata); runs in a worker thread (large bodies)."""
+    return _parse(_loads(body), cfg, reward)
 
-    cfg = cfg or ServerConfig()
-    batcher = Batcher(reward, cfg)
-    limit = int(cfg.max_request_mb * 2**20)
-    started = time.time()
-    name = getattr(reward, "name", type(reward).__name__)
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message, "reward": name}, status_code=status)
+class _Service:
+    """The endpoints of one server. Every answer is JSON and counted by status in /health."""
 
-    async def read_body(request: Request) -> bytes:
+    def __init__(self, reward: Reward, cfg: ServerConfig):
+        self.reward, self.cfg = reward, cfg
+        self.batcher = Batcher(reward, cfg)
+        self.limit = int(cfg.max_request_mb * 2**20)
+        self.started = time.time()
+        self.name = getattr(reward, "name", type(reward).__name__)
+        self.responses: dict[str, int] = {}
+
+    def answer(self, content: dict, status: int = 200):
+        self.responses[str(status)] = self.responses.get(str(status), 0) + 1
+        if status >= 400:
+            self.batcher.stats["errors"] += 1
+        return _json_response(content, status)
+
+    def error(self, status: int, message: str):
+        return self.answer({"error": message, "reward": self.name}, status)
+
+    async def read_body(self, request) -> bytes:
         declared = request.headers.get("content-length")
-        too_big = declared is not None and declared.isdigit() and int(declared) > limit
+        too_big = declared is not None and declared.isdigit() and int(declared) > self.limit
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
+            if size > self.limit:
                 too_big = True
-                if size > 8 * limit:  # stop draining a huge upload; the connection is closed
+                if size > 8 * self.limit:  # stop draining a huge upload; the connection is closed
                     break
             elif not too_big:
                 chunks.append(chunk)
         if too_big:
             raise _HTTPError(413, f"request body of {max(size, int(declared or 0)) / 2**20:.1f} MiB exceeds "
-                                  f"max_request_mb={cfg.max_request_mb:g}; send fewer images per request")
+                                  f"max_request_mb={self.cfg.max_request_mb:g}; send fewer images per request")
         return b"".join(chunks)
 
-    async def score(request: Request) -> JSONResponse:
-        batcher.stats["requests"] += 1
-        try:
-            body = await read_body(request)
-            try:
-                payload = json.loads(body)
-            except ValueError as e:
-                raise _HTTPError(400, f"the body is not valid JSON ({e})") from e
-            images, prompts, metadata = await run_in_threadpool(_parse, payload, cfg)
-            future = asyncio.get_running_loop().create_future()
-            batcher.submit(_Job(images, prompts, metadata, future))
-            try:
-                result = await asyncio.wait_for(future, cfg.request_timeout_s)
-            except asyncio.TimeoutError as e:
-                batcher.stats["timeouts"] += 1
-                raise _HTTPError(504, f"not scored within request_timeout_s={cfg.request_timeout_s:g} s") from e
-        except _HTTPError as e:
-            return error(e.status, e.message)
-        except ClientDisconnect:
-            return error(400, "client disconnected")
-        return JSONResponse({"reward": name, **result})
+    async def _scored(self, request) -> dict:
+        from starlette.concurrency import run_in_threadpool
 
-    async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "reward": name, "uptime_s": round(time.time() - started, 3),
-                             "queued_images": batcher.queued_images, **batcher.stats,
-                             "limits": {"max_batch_images": cfg.max_batch_images, "max_request_mb": cfg.max_request_mb,
-                                        "max_images_per_request": cfg.max_images_per_request,
-                                        "request_timeout_s": cfg.request_timeout_s}})
+        body = await self.read_body(request)
+        images, prompts, metadata = await run_in_threadpool(_decode_request, body, self.cfg, self.reward)
+        future = asyncio.get_running_loop().create_future()
+        self.batcher.submit(_Job(images, prompts, metadata, future))
+        try:
+            return await asyncio.wait_for(future, self.cfg.request_timeout_s)
+        except asyncio.TimeoutError:
+            self.batcher.stats["timeouts"] += 1
+            raise _HTTPError(504, f"not scored within request_timeout_s={self.cfg.request_timeout_s:g} s") from None
+
+    async def score(self, request):
+        from starlette.requests import ClientDisconnect
+
+        self.batcher.stats["requests"] += 1
+        try:
+            result = await self._scored(request)
+        except _HTTPError as e:
+            return self.error(e.status, e.message)
+        except ClientDisconnect:
+            return self.error(400, "client disconnected")
+        except Exception as e:  # noqa: BLE001 - a server bug: answer JSON, log it, keep serving
+            _log.exception("reward server: unexpected error answering POST /score")
+            return self.error(500, f"internal server error: {type(e).__name__}: {_short(e)}")
+        return self.answer({"reward": self.name, **result})
+
+    async def health(self, request):
+        cfg = self.cfg
+        return self.answer({"status": "ok", "reward": self.name, "uptime_s": round(time.time() - self.started, 3),
+                            "queued_images": self.batcher.queued_images, **self.batcher.stats,
+                            "responses": dict(self.responses), "input_sizes": input_sizes(self.reward),
+                            "limits": {"max_batch_images": cfg.max_batch_images, "max_request_mb": cfg.max_request_mb,
+                                       "max_images_per_request": cfg.max_images_per_request,
+                                       "request_timeout_s": cfg.request_timeout_s}})
+
+    async def http_error(self, request, exc):
+        """Routing errors (404 unknown path, 405 wrong method) as JSON too."""
+        return self.error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}; the server "
+                                           "answers POST /score and GET /health")
 
     @asynccontextmanager
-    async def lifespan(app):
-        batcher.queue = asyncio.Queue()
-        task = asyncio.create_task(batcher.run())
+    async def lifespan(self, app):
+        self.batcher.queue = asyncio.Queue()
+        task = asyncio.create_task(self.batcher.run())
         try:
             yield
         finally:
             task.cancel()
-            batcher.executor.shutdown(wait=False, cancel_futures=True)
+            self.batcher.executor.shutdown(wait=False, cancel_futures=True)
 
-    app = Starlette(routes=[Route("/score", score, methods=["POST"]), Route("/health", health, methods=["GET"])],
-                    lifespan=lifespan)
-    app.state.batcher = batcher
+
+def create_app(reward: Reward, cfg: ServerConfig | None = None):
+    """The Starlette application serving ``reward``."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    service = _Service(reward, cfg or ServerConfig())
+    app = Starlette(routes=[Route("/score", service.score, methods=["POST"]),
+                            Route("/health", service.health, methods=["GET"])],
+                    lifespan=service.lifespan, exception_handlers={HTTPException: service.http_error})
+    app.state.batcher = service.batcher
+    app.state.service = service
     return app
 
 

@@ -163,6 +163,11 @@ class ShapesScore:
         self.model, self.info = load_shapes_score(checkpoint)
         self.batch_size = batch_size
 
+    @property
+    def input_sizes(self) -> tuple[int, ...]:
+        """The one image side the checkpoint was trained on (enforced before scoring)."""
+        return (self.model.config.image_size,)
+
     def logits(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         size = self.model.config.image_size
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != size or images.shape[-2] != size:

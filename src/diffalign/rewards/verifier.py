@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from diffalign.errors import ConfigError
-from diffalign.rewards.base import RewardOutput, register_reward
+from diffalign.rewards.base import RewardOutput, check_input, register_reward
+from diffalign.world.render import SUPPORTED_SIZES
 from diffalign.world.verify import verify_batch
 
 
@@ -17,8 +18,12 @@ class VerifierReward:
     credit for near misses too: mis-attributed objects, fewer extra objects, a relation's
     margin; :class:`~diffalign.world.verify.Verdict`) or ``score`` (1 only when all hold:
     GenEval's strict score). details: ``score``, ``partial``, ``graded``, ``hallucinated``,
-    ``missing``, ``misattributed`` per image.
+    ``missing``, ``misattributed`` per image. Images are ShapesWorld canvases: ``(B, 3, S, S)``
+    with ``S`` in ``input_sizes`` (32 or 64); another size raises
+    :class:`~diffalign.rewards.base.RewardInputError` (a ValueError) naming them.
     """
+
+    input_sizes = SUPPORTED_SIZES
 
     def __init__(self, mode: str = "partial"):
         if mode not in ("partial", "graded", "score"):
@@ -27,6 +32,7 @@ class VerifierReward:
         self.name = f"shapes_verifier[{mode}]"
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:
+        check_input(self, images)  # its thresholds are in pixels of ShapesWorld's canvases
         verdicts = verify_batch(images, prompts)
         details = {
             k: torch.tensor([float(getattr(v, k)) for v in verdicts])
