@@ -22,6 +22,7 @@ from diffalign.config import (
     _hints,
     check_ranges,
     config_from_dict,
+    describe,
     field_range,
     load_config,
     ranged,
@@ -159,6 +160,8 @@ def test_ranges_are_checked_where_configs_are_built():
         check_ranges(_Toy(epochs=-1))  # configs made in Python: the same check on request
     with pytest.raises(ConfigError, match="'max_batch_images' .*must be >= 1, got 0"):
         ServerConfig(max_batch_images=0)  # the reward server's flags
+    table = describe(_Toy)
+    assert "int, >= 1" in table and "tuple[float, float], in [0, 1)" in table and "float | None, > 0" in table
 
 
 # --------------------------------------------------------------------------- the rows

@@ -675,12 +675,14 @@ def _rows(cls: type, prefix: str = "", instance: Any = None) -> list[tuple[str, 
             rows.append((prefix + name, _type_name(tp), "", doc))
             rows += _rows(tp, f"{prefix}{name}.", default if isinstance(default, tp) else None)
         else:
-            rows.append((prefix + name, _type_name(tp), shown, doc))
+            rng = field_range(f)
+            rows.append((prefix + name, _type_name(tp) + (f", {rng}" if rng else ""), shown, doc))
     return rows
 
 
 def describe(cls: type) -> str:
-    """A ``--help`` style table of every key (nested ones dotted): name, type, default, doc."""
+    """A ``--help`` style table of every key (nested ones dotted): name, type (and valid range),
+    default, doc."""
     _require_dataclass(cls)
     rows = [("key", "type", "default", "description"), *_rows(cls)]
     widths = [min(max(len(r[i]) for r in rows), cap) for i, cap in enumerate((40, 30, 24))]
