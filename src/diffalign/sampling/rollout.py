@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from diffalign.config import ranged
+from diffalign.config import MAX_SEED, ranged
 from diffalign.errors import ConfigError
 from diffalign.models.base import with_sampling_weights
 from diffalign.models.epsilon_view import EpsilonView, ddim_timesteps, flow_sigma_from_alpha_bar
@@ -78,6 +78,12 @@ class RolloutConfig:
     """Initial noise ``x_0``: one draw per image ("independent", coarse-grained exploration)
     or one draw per prompt group ("shared", fine-grained; DanceGRPO). ``rollout``'s
     ``shared_groups`` overrides it per group."""
+    init_seed: int | None = ranged(None, ge=0, le=MAX_SEED)
+    """Diagnostic: draw ``x_0`` from this seed in every rollout call, so each call (each epoch)
+    starts from the same initial noises (group ``g`` / image ``i`` gets the seed's ``g``-th /
+    ``i``-th draw) while the SDE noise stays fresh. It asks whether the loop can teach the policy to
+    pass from a handful of fixed starting points at all (memorisation before generalisation).
+    None (default) = drawn from the rollout's generator."""
     noise_pool: int = ranged(1, ge=1)
     """Coarse SDE noise: draw the noise (and apply the SDE's score correction) only along images
     constant on ``noise_pool × noise_pool`` pixel / latent blocks, per channel
@@ -460,7 +466,9 @@ def rollout(
         policy, prompts, group_ids, config, shared_groups)
     b, steps = len(prompts), config.steps
 
-    x = _initial_noise(shape, group_index, shared, generator, device)
+    init_gen = generator if config.init_seed is None else torch.Generator(generator.device).manual_seed(
+        config.init_seed)
+    x = _initial_noise(shape, group_index, shared, init_gen, device)
     latents = torch.empty(b, steps + 1, *shape, device=device)
     x0_pred = torch.empty(b, steps, *shape, device=device)
     log_probs = torch.zeros(b, steps, device=device)
