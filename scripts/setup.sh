@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 constraints="${DIFFALIGN_CONSTRAINTS-constraints-cpu.txt}"
 args=(-q -e ".[dev]")
 [ -n "$constraints" ] && args=(-c "$constraints" "${args[@]}")
-if ! python3 -c "import diffalign, torch, pytest, diffusers, accelerate, rapidocr, onnxruntime, starlette, uvicorn" 2>/dev/null || [ "${DIFFALIGN_REINSTALL:-0}" = 1 ]; then
+if ! python3 -c "import diffalign, torch, pytest, diffusers, accelerate, rapidocr, onnxruntime, starlette, uvicorn, hypothesis" 2>/dev/null || [ "${DIFFALIGN_REINSTALL:-0}" = 1 ]; then
   python3 -m pip install "${args[@]}"
 else
   python3 -m pip install --no-deps -q -e . >/dev/null
