@@ -419,6 +419,67 @@ def _round_plan(cfg: PrefDataConfig, rnd: int) -> tuple[list[str], list[int], li
     return prompts, seeds, render_seeds
 
 
+def _is_finished(out: Path, builder: dict, num_pairs: int) -> bool:
+    """Whether ``out`` holds a complete dataset built with ``builder`` and at least ``num_pairs`` pairs."""
+    if not (out / MANIFEST).is_file():
+        return False
+    manifest = _read_manifest(out)
+    return bool(manifest.get("complete")) and manifest.get("builder") == builder and manifest["num_pairs"] >= num_pairs
+
+
+def _resume_writer(cfg: PrefDataConfig, out: Path, builder: dict) -> PreferenceWriter | None:
+    """The writer of an unfinished (or to be extended) build in ``out``; None for a new dataset."""
+    if (out / MANIFEST).is_file():
+        return PreferenceWriter.resume(out, shard_size=cfg.shard_size, builder=builder)
+    if out.exists() and any(out.iterdir()):
+        raise DatasetError(f"{out} exists and is not a preference dataset; choose an empty or new --out")
+    return None
+
+
+def _choose_winner(cfg: PrefDataConfig, prompt: str, rank: int, correct: list[int], images: Tensor,
+                   seeds: list[int], render_seed: int, size: int) -> tuple[Tensor, str, int] | None:
+    """The winner paired with a prompt's ``rank``-th rejected image: ``(image, source, seed)``,
+    or None when ``winners=samples`` and the round has no correct sample of the prompt."""
+    from diffalign.world.render import render
+
+    if correct and cfg.winners in ("samples", "mixed"):
+        j = correct[rank % len(correct)]  # spread the losers over the correct samples
+        return images[j], "sample", seeds[j]
+    if cfg.winners == "samples":
+        return None
+    return torch.from_numpy(render(prompt, render_seed, size)[0]), "render", render_seed
+
+
+def _add_round(cfg: PrefDataConfig, rnd: int, policy, writer: PreferenceWriter, skip_through: int) -> None:
+    """Generate and verify round ``rnd``; add a pair for each rejected image after ``skip_through``
+    (its index in the round) until the writer holds ``num_pairs``."""
+    from diffalign.sampling.generate import generate
+    from diffalign.world.grammar import parse_prompt
+    from diffalign.world.verify import verify_batch
+
+    prompts, seeds, render_seeds = _round_plan(cfg, rnd)
+    images = generate(policy, prompts, seeds, steps=cfg.steps, cfg=cfg.guidance_scale, batch_size=cfg.batch_size)
+    verdicts = verify_batch(images, prompts)
+    correct: dict[str, list[int]] = {}
+    for i, v in enumerate(verdicts):
+        if v.score == 1.0:
+            correct.setdefault(prompts[i], []).append(i)
+    taken: dict[str, int] = {}
+    for i, v in enumerate(verdicts):
+        if v.score == 1.0:
+            continue
+        p = prompts[i]
+        rank = taken[p] = taken.get(p, -1) + 1  # this prompt's rank-th rejected image of the round
+        if len(writer) >= cfg.num_pairs or i <= skip_through:
+            continue
+        chosen = _choose_winner(cfg, p, rank, correct.get(p, []), images, seeds, render_seeds[i], policy.image_size)
+        if chosen is None:
+            continue
+        winner, source, wseed = chosen
+        writer.add(p, winner, images[i], task=parse_prompt(p).task, loser_partial=float(v.partial),
+                   loser_seed=seeds[i], winner_source=source, winner_seed=wseed, round=rnd, loser_index=i)
+
+
 def build_shapes_preferences(cfg: PrefDataConfig, out: str | Path, *,
                              progress: Callable[[int, int], None] | None = None) -> Path:
     """Build (or finish, or reuse) a ShapesWorld preference dataset in ``out``.
@@ -427,28 +488,19 @@ def build_shapes_preferences(cfg: PrefDataConfig, out: str | Path, *,
     verifies them; every rejected image (verifier score 0) becomes the loser of one pair whose
     winner is chosen by ``cfg.winners``. Index extras: ``task``, ``loser_partial`` (the loser's
     fraction of constraints met), ``loser_seed``, ``winner_source`` (render | sample),
-    ``winner_seed``, ``round``, ``loser_index`` (the image's place in its round). ``progress(pairs_done, num_pairs)`` is called after each round.
+    ``winner_seed``, ``round``, ``loser_index`` (the image's place in its round).
+    ``progress(pairs_done, num_pairs)`` is called after each round.
     """
     from diffalign.models.tiny import TinyFlowPolicy
-    from diffalign.sampling.generate import generate
-    from diffalign.world.grammar import parse_prompt
-    from diffalign.world.render import render
-    from diffalign.world.verify import verify_batch
 
     cfg.validate()
     out = Path(out)
     # num_pairs is not part of the identity: a larger num_pairs extends a finished dataset
     builder = {k: v for k, v in config_to_dict(cfg).items() if k != "num_pairs"}
-    if (out / MANIFEST).is_file():
-        manifest = _read_manifest(out)
-        if manifest.get("complete") and manifest.get("builder") == builder and manifest["num_pairs"] >= cfg.num_pairs:
-            load_preference_dataset(out)  # reuse it, after checking it
-            return out
-        writer = PreferenceWriter.resume(out, shard_size=cfg.shard_size, builder=builder)
-    else:
-        if out.exists() and any(out.iterdir()):
-            raise DatasetError(f"{out} exists and is not a preference dataset; choose an empty or new --out")
-        writer = None
+    if _is_finished(out, builder, cfg.num_pairs):
+        load_preference_dataset(out)  # reuse it, after checking it
+        return out
+    writer = _resume_writer(cfg, out, builder)
     policy = TinyFlowPolicy.from_checkpoint(cfg.model)
     policy.eval()
     if writer is None:
@@ -464,32 +516,7 @@ def build_shapes_preferences(cfg: PrefDataConfig, out: str | Path, *,
             raise DatasetError(f"only {len(writer)} of {cfg.num_pairs} pairs after {rnd} rounds (max_rounds): the "
                                "model's samples are rarely rejected, or (winners=samples) rarely correct. "
                                "Raise max_rounds or use winners=render")
-        prompts, seeds, render_seeds = _round_plan(cfg, rnd)
-        images = generate(policy, prompts, seeds, steps=cfg.steps, cfg=cfg.guidance_scale, batch_size=cfg.batch_size)
-        verdicts = verify_batch(images, prompts)
-        correct: dict[str, list[int]] = {}
-        for i, v in enumerate(verdicts):
-            if v.score == 1.0:
-                correct.setdefault(prompts[i], []).append(i)
-        taken: dict[str, int] = {}
-        for i, v in enumerate(verdicts):
-            if v.score == 1.0:
-                continue
-            p = prompts[i]
-            rank = taken[p] = taken.get(p, -1) + 1  # this prompt's rank-th rejected image of the round
-            if len(writer) >= cfg.num_pairs or i <= skip_through:
-                continue
-            ok = correct.get(p, [])
-            if ok and cfg.winners in ("samples", "mixed"):
-                j = ok[rank % len(ok)]  # spread the losers over the correct samples
-                winner, source, wseed = images[j], "sample", seeds[j]
-            elif cfg.winners == "samples":
-                continue
-            else:
-                winner = torch.from_numpy(render(p, render_seeds[i], policy.image_size)[0])
-                source, wseed = "render", render_seeds[i]
-            writer.add(p, winner, images[i], task=parse_prompt(p).task, loser_partial=float(v.partial),
-                       loser_seed=seeds[i], winner_source=source, winner_seed=wseed, round=rnd, loser_index=i)
+        _add_round(cfg, rnd, policy, writer, skip_through)
         # a shard never splits a round, so a resumed build restarts at a round boundary
         if writer.pending >= cfg.shard_size or len(writer) >= cfg.num_pairs:
             writer.flush()
