@@ -28,6 +28,25 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path):
     assert (tmp_path / "full" / "ema_step000002.safetensors").exists()
 
 
+def test_kill_after_a_checkpoint_and_before_the_first_one_leave_clean_metrics(tmp_path):
+    from diffalign.errors import CheckpointError
+
+    full = tmp_path / "full"
+    pretrain(PretrainConfig(steps=4, **TINY), full)
+    cut = tmp_path / "cut"  # killed at step 3: one row past its step-2 checkpoint
+    pretrain(PretrainConfig(steps=4, **dict(TINY, ckpt_every=2)), cut, stop_after=3)
+    assert len(_losses(cut)) == 3
+    pretrain(PretrainConfig(steps=4, **TINY), cut, resume=True)
+    assert _losses(cut) == _losses(full)  # step 3 is logged once, not twice
+
+    dead = tmp_path / "dead"  # killed before its first checkpoint
+    pretrain(PretrainConfig(steps=4, **dict(TINY, ckpt_every=4)), dead, stop_after=1)
+    with pytest.raises(CheckpointError, match="stopped before its first checkpoint.*without --resume"):
+        pretrain(PretrainConfig(steps=4, **TINY), dead, resume=True)
+    pretrain(PretrainConfig(steps=4, **TINY), dead)  # the same command starts it afresh
+    assert _losses(dead) == _losses(full)
+
+
 def test_existing_run_needs_resume_and_same_config(tmp_path):
     pretrain(PretrainConfig(steps=2, **TINY), tmp_path / "r", stop_after=2)
     with pytest.raises(ConfigError, match="--resume"):

@@ -51,3 +51,15 @@ def test_failed_start_then_the_same_command_runs(tmp_path, tiny_model, capsys):
     err = _one_line(capsys.readouterr().err)
     assert f"--resume {run}" in err and "--out" in err and f"rm -r {run}" in err, err
     assert latest_step(run) == 1
+
+
+def test_python_resume_of_a_run_without_checkpoint_says_how_to_restart(tmp_path, tiny_model):
+    from diffalign.config import load_config
+    from diffalign.errors import CheckpointError
+    from diffalign.training.rundir import RunDir
+    from diffalign.training.trainer import TrainConfig, Trainer
+
+    cfg = load_config(TrainConfig, None, [f"model={tiny_model}", "epochs=1"])
+    RunDir(tmp_path / "run").create(cfg)  # a start killed before its first checkpoint
+    with pytest.raises(CheckpointError, match="stopped before its first checkpoint.*Start it again without --resume"):
+        Trainer(cfg, tmp_path / "run", resume=True)

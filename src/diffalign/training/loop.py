@@ -35,13 +35,11 @@ import torch
 
 from diffalign.config import config_to_dict
 from diffalign.distributed import broadcast_object, get_world, run_on_main
-from diffalign.errors import CheckpointError
 from diffalign.evaluation.grid import save_grid
 from diffalign.training.rundir import (
     MetricsLogger,
     RunDir,
     capture_rng,
-    latest_step,
     load_checkpoint,
     read_metrics,
     restore_rng,
@@ -109,8 +107,7 @@ def checkpoint_state(policy, optimizer_state: dict, train_time: float, **extra: 
 def restore_checkpoint(run: RunDir, policy, optimizer, load_extra: Callable[[dict], None]) -> dict:
     """Load the run's latest checkpoint into ``policy`` and ``optimizer``; ``load_extra`` restores
     the trainer's own entries before the RNG states are restored last. Returns the state."""
-    if latest_step(run) is None:
-        raise CheckpointError(f"{run.path} has no checkpoint to resume from")
+    run.require_checkpoint()  # says how to restart a run that stopped before its first checkpoint
     state = load_checkpoint(run)
     with torch.no_grad():
         params = policy.trainable_state()

@@ -124,7 +124,9 @@ def _save_state(out: Path, cfg, step, model, ema, opt, elapsed):
 def _load_state(out: Path):
     ck = out / "checkpoint"
     if not (ck / "state.json").exists():
-        raise CheckpointError(f"no resumable checkpoint in {out} (expected {ck}/state.json)")
+        raise CheckpointError(
+            f"no resumable checkpoint in {out} (expected {ck}/state.json): the run stopped before its first "
+            "checkpoint, so there is nothing to resume. Run the same command without --resume to start it afresh.")
     state = json.loads((ck / "state.json").read_text())
     model, _, _ = load_unet(ck / "model.safetensors")
     ema_model, _, _ = load_unet(ck / "ema.safetensors")
@@ -170,10 +172,25 @@ def _start(cfg: PretrainConfig, out: Path, resume: bool):
     else:
         model, ema = _new_model(cfg, out)
         opt_state, start, elapsed0 = None, 0, 0.0
+    _trim_metrics(out, start)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     return model, ema, opt, start, elapsed0
+
+
+def _trim_metrics(out: Path, step: int) -> None:
+    """Drop ``metrics.jsonl`` rows past ``step``: those a killed attempt logged after its last
+    checkpoint (the resumed run logs them again), or all of a dead attempt's rows on a fresh start."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
 
 
 def _train_step(cfg: PretrainConfig, step: int, model: FlowUNet, opt: torch.optim.Optimizer, train, text, null):
