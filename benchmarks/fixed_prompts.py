@@ -11,6 +11,13 @@ image's noise moves, a control that the loop itself climbs a learnable reward.
     python benchmarks/fixed_prompts.py --preset flow_grpo --prompts p.txt --epochs 20 --every 5 \
         --out runs/fixed --set prompts_per_epoch=8
 
+``--init-seed S`` starts every training epoch from the same initial noises (the rollout's
+``init_seed``; fresh SDE noise each epoch), the memorisation rung: can the loop teach the policy
+to pass from a few fixed starting points (``prompts_per_epoch`` groups of one prompt) at all?
+Each evaluation then also samples the epoch-0 groups from those seen noises (``seen_score``)
+beside the fresh-noise evaluation. The JSON's ``train`` lists every epoch's rollout reward and
+strict pass rate.
+
 Prints a line per evaluation and JSON at the end (``--json`` writes it to a file too). Each
 evaluation row carries the rollout images and training seconds so far (curves of score vs
 images and vs minutes); ``--summary docs/results/learning.json --summary-key KEY`` records the
@@ -20,13 +27,14 @@ run's base and final score, images and minutes in that summary file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 from _json_out import emit_json, merge_summary, score_curve_summary
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="flow_grpo")
     ap.add_argument("--prompts", required=True, help="text file, one training prompt per line")
@@ -36,12 +44,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--images", type=int, default=32, help="evaluation images per prompt")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reward", choices=["preset", "brightness"], default="preset")
+    ap.add_argument("--init-seed", type=int, default=None,
+                    help="start every epoch from the same initial noises (memorisation; see above)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--json", default=None, help="also write the JSON result to this file")
     ap.add_argument("--summary", default=None,
                     help="summary JSON to update (e.g. docs/results/learning.json) under --summary-key")
     ap.add_argument("--summary-key", default="fixed_prompts", help="key (a/b nests) of this run in --summary")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse(argv)
 
     from diffalign.cli import resolve_preset
     from diffalign.config import load_config
@@ -55,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     keep_freed_memory()
     extra = ["reward=mean_brightness", "reward_kwargs={}"] if args.reward == "brightness" else []
     cfg = load_config(TrainConfig, resolve_preset(args.preset),
-                      [f"prompt_file={args.prompts}", "eval.every=0", f"threads={args.threads}", *extra, *args.set])
+                      [f"prompt_file={args.prompts}", "eval.every=0", f"threads={args.threads}", *extra, *args.set,
+                       *([f"rollout.init_seed={args.init_seed}"] if args.init_seed is not None else [])])
     trainer = Trainer(cfg, args.out)
     pool = read_prompt_file(args.prompts)
     prompts = [p for p in pool for _ in range(args.images)]
@@ -63,11 +78,20 @@ def main(argv: list[str] | None = None) -> dict:
     images_per_epoch = cfg.prompts_per_epoch * cfg.group_size
     t0 = time.perf_counter()
 
+    fresh = dataclasses.replace(cfg.rollout, init_seed=None)
+    seen = trainer.epoch_prompts(0) if args.init_seed is not None else None
+    train_rows = []
+
+    def score_of(traj, prompts) -> float:
+        return sum(v.score for v in verify_batch(traj.images, prompts)) / len(prompts)
+
     def evaluate(epoch: int) -> None:
         trainer.policy.eval()
         with torch.no_grad():  # one group per image: independent initial noise, the same at every evaluation
-            traj = rollout(trainer.policy, prompts, torch.arange(len(prompts)), cfg.rollout,
+            traj = rollout(trainer.policy, prompts, torch.arange(len(prompts)), fresh,
                            generator=torch.Generator().manual_seed(999))
+            seen_traj = None if seen is None else rollout(trainer.policy, seen.prompts, seen.group_ids, cfg.rollout,
+                                                          generator=torch.Generator().manual_seed(777))
         verdicts = verify_batch(traj.images, prompts)
         st = verdict_stats(prompts, verdicts)
         per = [sum(v.score for v in verdicts[i * args.images:(i + 1) * args.images]) / args.images
@@ -76,23 +100,34 @@ def main(argv: list[str] | None = None) -> dict:
                "score": st["score"], "partial": st["partial"],
                "graded": sum(v.graded for v in verdicts) / len(verdicts),
                "brightness": float(traj.images.mean()), "per_prompt_score": per}
+        if seen_traj is not None:
+            row["seen_score"] = score_of(seen_traj, seen.prompts)
         rows.append(row)
         print(f"epoch {epoch:3d}  score {row['score']:.3f}  partial {row['partial']:.3f}  graded {row['graded']:.3f}  "
-              f"brightness {row['brightness']:.4f}  per prompt " + " ".join(f"{x:.2f}" for x in per), flush=True)
+              f"brightness {row['brightness']:.4f}  per prompt " + " ".join(f"{x:.2f}" for x in per)
+              + (f"  seen noise {row['seen_score']:.3f}" if "seen_score" in row else ""), flush=True)
 
     evaluate(0)
     for epoch in range(args.epochs):
-        trainer.step_epoch(epoch)  # the trainer's own epoch: sample, score, advantages, update
+        m = trainer.step_epoch(epoch)  # the trainer's own epoch: sample, score, advantages, update
+        train_rows.append({"epoch": epoch, "reward": m["reward"], "pass_rate": m.get("reward/score")})
         if (epoch + 1) % args.every == 0 or epoch + 1 == args.epochs:
             evaluate(epoch + 1)
     out = {"preset": args.preset, "overrides": args.set, "reward": args.reward, "prompts": pool,
            "train_s": round(trainer.train_time, 1), "wall_s": round(time.perf_counter() - t0, 1),
-           "eval_images_per_prompt": args.images, "evaluations": rows}
+           "eval_images_per_prompt": args.images, "init_seed": args.init_seed, "evaluations": rows,
+           "train": train_rows}
+    _record_summary(args, rows, trainer.train_time)
+    return emit_json(out, args.json)
+
+
+
+def _record_summary(args: argparse.Namespace, rows: list[dict], train_s: float) -> None:
+    """The run's base and final score, images and minutes under ``--summary-key`` of ``--summary``."""
     if args.summary:
         merge_summary(args.summary, args.summary_key, {
             "preset": args.preset, "overrides": args.set, **score_curve_summary(rows),
-            "train_minutes": round(trainer.train_time / 60, 2), "eval_images_per_prompt": args.images})
-    return emit_json(out, args.json)
+            "train_minutes": round(train_s / 60, 2), "eval_images_per_prompt": args.images})
 
 
 if __name__ == "__main__":

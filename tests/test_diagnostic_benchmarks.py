@@ -40,6 +40,22 @@ def test_fixed_prompts_brightness_control_moves_brightness(tmp_path, tiny_model)
     assert rows[-1]["brightness"] > rows[0]["brightness"] + 0.02  # the control reward is climbed
 
 
+def test_fixed_prompts_init_seed_trains_from_fixed_noises_and_scores_them(tmp_path, tiny_model):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    args = ["--prompts", str(prompts), "--epochs", "2", "--every", "2", "--images", "4", "--threads", "1",
+            "--reward", "brightness", "--set", f"model={tiny_model}", "--set", "lora_rank=0",
+            "--set", "prompts_per_epoch=2", "--set", "group_size=2", "--set", "rollout.steps=2",
+            "--set", "rollout.sde_window=null", "--set", "rollout.init_noise=shared", "--set", "grpo.minibatch_size=4"]
+    a = load_benchmark("fixed_prompts").main([*args, "--out", str(tmp_path / "a"), "--init-seed", "5"])
+    b = load_benchmark("fixed_prompts").main([*args, "--out", str(tmp_path / "b"), "--init-seed", "6"])
+    assert a["init_seed"] == 5 and [r["epoch"] for r in a["train"]] == [0, 1]
+    assert all(0 <= r["seen_score"] <= 1 for r in a["evaluations"]) and "pass_rate" in a["train"][0]
+    # the fresh-noise evaluation does not depend on the training noises; the training rollouts do
+    assert a["evaluations"][0]["brightness"] == b["evaluations"][0]["brightness"]
+    assert a["train"][0]["reward"] != b["train"][0]["reward"]
+
+
 def test_sampler_gap_scores_every_target_and_sampler(tmp_path, tiny_model, capsys):
     out = load_benchmark("sampler_gap").main(["--targets", f"base,{tiny_model}", "--images", "6", "--threads", "1",
                                               "--samplers", "sde,ode10"])
