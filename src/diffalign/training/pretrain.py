@@ -23,6 +23,7 @@ from diffalign.models.checkpoint import load_unet, save_unet
 from diffalign.models.text import shared_text_encoder
 from diffalign.models.tiny import TinyFlowPolicy
 from diffalign.models.unet import FlowUNet, UNetConfig
+from diffalign.training.rundir import MetricsLogger
 from diffalign.world.grammar import TASKS, prompt_splits
 from diffalign.world.render import check_size, render
 
@@ -182,15 +183,7 @@ def _start(cfg: PretrainConfig, out: Path, resume: bool):
 def _trim_metrics(out: Path, step: int) -> None:
     """Drop ``metrics.jsonl`` rows past ``step``: those a killed attempt logged after its last
     checkpoint (the resumed run logs them again), or all of a dead attempt's rows on a fresh start."""
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+    MetricsLogger(out / "metrics.jsonl").truncate_after(step)
 
 
 def _train_step(cfg: PretrainConfig, step: int, model: FlowUNet, opt: torch.optim.Optimizer, train, text, null):
