@@ -268,6 +268,31 @@ def test_policy_gradient_climbs_a_prompt_dependent_reward(tmp_path, tiny_model):
     assert moved["red"] > 0.01 and moved["blue"] < -0.01 and moved["red"] - moved["blue"] > 0.03, moved
 
 
+def test_shuffled_control_reward_carries_no_signal(tmp_path, tiny_model):
+    """The same run as the prompt-dependent test above, with the reward's scores dealt out at
+    random within each group (``reward=shuffled``): the group's advantages keep their sizes but no
+    longer say which image earned them, so the two prompt sets are not pulled apart."""
+    from diffalign.sampling.generate import generate
+
+    red, blue = ["a red circle", "two red squares"], ["a blue triangle", "three blue circles"]
+    (tmp_path / "prompts.txt").write_text("\n".join(red + blue) + "\n")
+
+    def brightness(policy, prompts):
+        return float(generate(policy, prompts * 4, list(range(200, 200 + 4 * len(prompts))), steps=3, cfg=4.5).mean())
+
+    trainer = Trainer(_cfg(tiny_model, "rollout.sampler=flow_sde", "rollout.noise_level=0.7", "epochs=12",
+                           "eval.every=0", "prompts_per_epoch=4", f"prompt_file={tmp_path / 'prompts.txt'}", "grpo.minibatch_size=16",
+                           "reward=shuffled", "reward_kwargs={reward: prompt_brightness, kwargs: {up: [red], down: [blue]}}",
+                           "grpo.beta_kl=0", "lr=3e-3"), tmp_path / "run")
+    start = {name: brightness(trainer.policy, ps) for name, ps in (("red", red), ("blue", blue))}
+    trainer.train()
+    moved = {name: brightness(trainer.policy, ps) - start[name] for name, ps in (("red", red), ("blue", blue))}
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/unshuffled" in r]
+    assert len(rows) == 12  # the real scores are logged beside the dealt ones
+    # the real reward pulls the sets apart by > 0.03 (the test above; measured 0.087)
+    assert abs(moved["red"] - moved["blue"]) < 0.02, moved
+
+
 def test_step_epoch_is_the_training_loop_s_epoch(tmp_path, tiny_model):
     """Calling step_epoch for each epoch trains exactly as train() does (same losses, same weights)."""
     looped = Trainer(_cfg(tiny_model, "epochs=2", "eval.every=0"), tmp_path / "loop")

@@ -7,6 +7,7 @@ from diffalign.rewards import multi as _multi  # noqa: F401  (registers multi)
 from diffalign.rewards import ocr as _ocr  # noqa: F401  (registers ocr)
 from diffalign.rewards import remote as _remote  # noqa: F401  (registers remote)
 from diffalign.rewards import shapes_score as _shapes_score  # noqa: F401  (registers shapes_score)
+from diffalign.rewards import shuffled as _shuffled  # noqa: F401  (registers shuffled)
 from diffalign.rewards import verifier as _verifier  # noqa: F401  (registers shapes_verifier)
 from diffalign.rewards.base import (
     Reward,
