@@ -23,7 +23,7 @@ def _cfg(model, *extra):
     return load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
         f"model={model}", "lora_rank=0", "epochs=3", "prompts_per_epoch=2", "group_size=4", "rollout.steps=3", "rollout.sde_window=null",
         "eval.num_images=6", "eval.steps=2", "eval.every=2", "ckpt_every=1", "grpo.minibatch_size=4",
-        "grpo.clip_range=0.2", "lr=1e-3",
+        "grpo.clip_range=0.2", "lr=1e-3", "lr_schedule=constant",  # resume tests shorten `epochs`, which a cosine would follow
         # a random tiny model draws no objects, so the verifier gives every image of a group the
         # same reward (no signal); JPEG size varies per image and gives the update real advantages
         "reward=jpeg_incompressibility", "reward_kwargs={}", *extra,
@@ -289,7 +289,8 @@ def test_shuffled_control_reward_carries_no_signal(tmp_path, tiny_model):
     moved = {name: brightness(trainer.policy, ps) - start[name] for name, ps in (("red", red), ("blue", blue))}
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/unshuffled" in r]
     assert len(rows) == 12  # the real scores are logged beside the dealt ones
-    # the real reward pulls the sets apart by > 0.03 (the test above; measured 0.087)
+    # measured +0.038 / +0.032: with no signal the update still moves the model (both sets the same
+    # way), but it does not pull them apart as the real reward does (> 0.03; measured 0.087)
     assert abs(moved["red"] - moved["blue"]) < 0.02, moved
 
 

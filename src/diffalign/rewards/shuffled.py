@@ -30,7 +30,14 @@ import hashlib
 import torch
 
 from diffalign.errors import ConfigError, DiffalignError
-from diffalign.rewards.base import RewardError, RewardOutput, build_reward, checked_call, input_sizes, register_reward
+from diffalign.rewards.base import (
+    RewardError,
+    RewardOutput,
+    build_reward,
+    checked_call,
+    input_sizes,
+    register_reward,
+)
 
 
 def pixel_key(image: torch.Tensor) -> bytes:
@@ -47,7 +54,7 @@ def shuffle_within_prompts(scores: torch.Tensor, prompts: list[str], keys: list[
     for i, p in enumerate(prompts):
         by_prompt.setdefault(p, []).append(i)
     for idx in by_prompt.values():
-        for src, dst in zip(idx, sorted(idx, key=lambda i: (keys[i], i))):
+        for src, dst in zip(idx, sorted(idx, key=lambda i: (keys[i], i)), strict=True):
             out[dst] = scores[src]
     return out
 
