@@ -152,7 +152,7 @@ def test_consistent_rft_with_both_parts_off_equals_flow_grpo_bit_for_bit(tmp_pat
     crft = load_config(TrainConfig, "configs/shapes/consistent_rft.yaml", [
         f"model={tiny_model}", "lora_rank=0", "epochs=2", "prompts_per_epoch=2", "group_size=4", "rollout.steps=3", "rollout.sde_window=null",
         "eval.num_images=6", "eval.steps=2", "eval.every=2", "ckpt_every=1", "grpo.minibatch_size=4",
-        "grpo.clip_range=0.2", "lr=1e-3", "reward=jpeg_incompressibility", "reward_kwargs={}",
+        "grpo.clip_range=0.2", "lr=1e-3", "lr_schedule=constant", "reward=jpeg_incompressibility", "reward_kwargs={}",
         "cpgo.weight=0", "dgr.mode=off"])
     Trainer(crft, b).train()
     assert _losses(a) == _losses(b)
