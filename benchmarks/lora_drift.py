@@ -78,8 +78,8 @@ def summarise(paths: list[Path], top: int = 3) -> dict:
         if deltas[a].keys() != deltas[b].keys():
             pairs.append({"runs": [a, b], "cosine": None, "note": "different adapted layers"})
             continue
-        va = torch.cat([deltas[a][k] for k in sorted(deltas[a])])
-        vb = torch.cat([deltas[b][k] for k in sorted(deltas[b])])
+        va = torch.cat([deltas[a][k] for k in sorted(deltas[a])]).double()
+        vb = torch.cat([deltas[b][k] for k in sorted(deltas[b])]).double()
         pairs.append({"runs": [a, b], "cosine": float(va @ vb / (va.norm() * vb.norm()).clamp_min(1e-30))})
     return {"runs": runs, "pairs": pairs}
 

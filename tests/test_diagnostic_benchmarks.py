@@ -185,3 +185,43 @@ def test_best_of_n_replay_trains_on_renders_of_other_prompts(tmp_path, tiny_mode
     assert last["optimizer_steps"] == 2  # both steps of the iteration ran, on the replay renders alone
     with pytest.raises(SystemExit):
         load_benchmark("best_of_n").main(["--prompts", str(tmp_path / "p.txt"), "--replay-only"])
+
+
+def test_lora_drift_measures_the_weight_change_of_real_lora_runs(tmp_path, tiny_model):
+    """benchmarks/lora_drift.py on two real 1-epoch LoRA runs: ΔW = B·A per layer (checked by hand
+    for one conv layer), a run compared with its own checkpoint directory has cosine 1, and a
+    checkpoint without LoRA weights is refused with a clear message."""
+    from diffalign.config import load_config
+    from diffalign.training.rundir import load_checkpoint
+    from diffalign.training.trainer import TrainConfig, Trainer
+
+    runs = []
+    for seed in (0, 1):
+        cfg = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
+            f"model={tiny_model}", "lora_rank=4", "epochs=1", "prompts_per_epoch=2", "group_size=4", "rollout.steps=3",
+            "rollout.sde_window=null", "eval.every=0", "grpo.minibatch_size=8", "lr=1e-2", f"seed={seed}",
+            "reward=jpeg_incompressibility", "reward_kwargs={}", "threads=1"])
+        Trainer(cfg, tmp_path / f"r{seed}").train()
+        runs.append(tmp_path / f"r{seed}")
+    bench = load_benchmark("lora_drift")
+    ckdir = next((runs[0] / "checkpoints").glob("step_*"))
+    out = bench.main([str(runs[0]), str(runs[1]), str(ckdir), "--json", str(tmp_path / "d.json")])
+    r0 = out["runs"][str(runs[0])]
+    assert r0["delta_norm"] > 0 and r0["epoch"] == 1
+    assert json.loads((tmp_path / "d.json").read_text()) == out
+
+    policy = load_checkpoint(runs[0])["policy"]
+    a_name = next(k for k in policy if ".lora_A." in k and policy[k].dim() == 4)
+    a, b = policy[a_name].float(), policy[a_name.replace(".lora_A.", ".lora_B.")].float()
+    by_hand = torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a).flatten()
+    deltas = bench.lora_deltas(load_checkpoint(runs[0]), 1.0)
+    assert torch.allclose(deltas[a_name.split(".lora_A.")[0]], by_hand, atol=1e-7)
+    total = float(torch.cat(list(deltas.values())).norm())
+    assert r0["delta_norm"] == pytest.approx(total, rel=1e-5)
+
+    cos = {tuple(p["runs"]): p["cosine"] for p in out["pairs"]}
+    assert cos[(str(runs[0]), str(ckdir))] == pytest.approx(1.0, abs=1e-9)
+    assert -1 <= cos[(str(runs[0]), str(runs[1]))] < 0.99
+
+    with pytest.raises(SystemExit, match="no LoRA weights"):
+        bench.lora_deltas({"policy": {"conv.weight": torch.zeros(2, 2)}}, 1.0)
