@@ -53,6 +53,10 @@ def test_single_image_prompts_keep_their_score_and_bad_configs_are_refused():
     keys = [b"c", b"a", b"b"]
     assert torch.equal(shuffle_within_prompts(scores, ["x", "y", "z"], keys), scores)
     assert shuffle_within_prompts(scores, ["x", "x", "x"], keys).tolist() == pytest.approx([0.5, 0.1, 0.9])
+    # two groups of the same prompt (the trainer's metadata) each keep their own scores
+    four = torch.tensor([0.0, 0.1, 0.8, 0.9])
+    dealt = shuffle_within_prompts(four, ["x"] * 4, [b"d", b"c", b"b", b"a"], groups=[0, 0, 1, 1])
+    assert sorted(dealt[:2].tolist()) == pytest.approx([0.0, 0.1]) and sorted(dealt[2:].tolist()) == pytest.approx([0.8, 0.9])
     with pytest.raises(ConfigError, match="registered reward other than 'shuffled'"):
         build_reward("shuffled", reward="shuffled")
     with pytest.raises(ConfigError, match="unknown reward"):

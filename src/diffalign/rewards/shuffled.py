@@ -5,7 +5,8 @@ Config (YAML)::
     reward: shuffled
     reward_kwargs: {reward: shapes_verifier, kwargs: {mode: partial}}
 
-Within each set of images that share a prompt (a GRPO group), the scores are dealt out again
+Within each set of images that share a prompt and a group (the trainer passes each image's
+group id in ``metadata``; without it, the images of one prompt form a set), the scores are dealt out again
 by a permutation that is independent of the images' quality: the k-th image in rollout order
 gives its score to the k-th image in an order fixed by a hash of the pixels (so a run and its
 resume see the same permutation). Each group keeps exactly the multiset of scores it had, so
@@ -45,14 +46,16 @@ def pixel_key(image: torch.Tensor) -> bytes:
     return hashlib.blake2b(image.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
 
 
-def shuffle_within_prompts(scores: torch.Tensor, prompts: list[str], keys: list[bytes]) -> torch.Tensor:
-    """Deal each prompt's scores out again: the k-th image of the prompt in batch order gives its
-    score to the k-th in ``keys`` order. When the keys are unrelated to the scores this is a
-    uniformly random permutation within each prompt, fixed points included."""
+def shuffle_within_prompts(scores: torch.Tensor, prompts: list[str], keys: list[bytes],
+                           groups: list | None = None) -> torch.Tensor:
+    """Deal each set's scores out again, a set being the images of one prompt (and of one group,
+    where ``groups`` gives each image's group id): the k-th image of the set in batch order gives
+    its score to the k-th in ``keys`` order. When the keys are unrelated to the scores this is a
+    uniformly random permutation within each set, fixed points included."""
     out = scores.clone()
-    by_prompt: dict[str, list[int]] = {}
+    by_prompt: dict[tuple, list[int]] = {}
     for i, p in enumerate(prompts):
-        by_prompt.setdefault(p, []).append(i)
+        by_prompt.setdefault((None if groups is None else groups[i], p), []).append(i)
     for idx in by_prompt.values():
         for src, dst in zip(idx, sorted(idx, key=lambda i: (keys[i], i)), strict=True):
             out[dst] = scores[src]
@@ -87,4 +90,5 @@ class ShuffledReward:
         keys = [pixel_key(im) for im in images]
         details = {k: v.cpu() for k, v in out.details.items()}
         details["unshuffled"] = real
-        return RewardOutput(shuffle_within_prompts(real, prompts, keys), details)
+        groups = [m.get("group") if isinstance(m, dict) else None for m in metadata]
+        return RewardOutput(shuffle_within_prompts(real, prompts, keys, groups), details)
