@@ -242,12 +242,9 @@ def test_policy_gradient_climbs_a_learnable_reward(tmp_path, tiny_model, sampler
     assert moved[1] > 0.03 and moved[-1] < -0.03, moved
 
 
-def test_policy_gradient_climbs_a_prompt_dependent_reward(tmp_path, tiny_model):
-    """Rung 1 of the RL-learning diagnosis: one run, two prompt sets asking for opposite moves
-    (brighter for "red" prompts, darker for "blue" ones). A loop that scored a trajectory under
-    another prompt's conditioning than it was sampled with would average the two and move neither.
-    Flow-SDE, the shipped flow_grpo sampler. (Dance-SDE at η 1 with shared noise darkens both sets
-    here, -0.05 / -0.07 after 6 epochs: docs/results.md, ninth round.)"""
+def _red_blue_brightness_run(tmp_path, model, reward_args):
+    """12 Flow-SDE epochs on two red and two blue prompts with ``reward_args``; returns how far
+    each set's mean brightness moved (fixed seeds, 3-step samples)."""
     from diffalign.sampling.generate import generate
 
     red, blue = ["a red circle", "two red squares"], ["a blue triangle", "three blue circles"]
@@ -256,13 +253,22 @@ def test_policy_gradient_climbs_a_prompt_dependent_reward(tmp_path, tiny_model):
     def brightness(policy, prompts):
         return float(generate(policy, prompts * 4, list(range(200, 200 + 4 * len(prompts))), steps=3, cfg=4.5).mean())
 
-    trainer = Trainer(_cfg(tiny_model, "rollout.sampler=flow_sde", "rollout.noise_level=0.7", "epochs=12",
+    trainer = Trainer(_cfg(model, "rollout.sampler=flow_sde", "rollout.noise_level=0.7", "epochs=12",
                            "eval.every=0", "prompts_per_epoch=4", f"prompt_file={tmp_path / 'prompts.txt'}", "grpo.minibatch_size=16",
-                           "reward=prompt_brightness", "reward_kwargs={up: [red], down: [blue]}",
-                           "grpo.beta_kl=0", "lr=3e-3"), tmp_path / "run")
+                           *reward_args, "grpo.beta_kl=0", "lr=3e-3"), tmp_path / "run")
     start = {name: brightness(trainer.policy, ps) for name, ps in (("red", red), ("blue", blue))}
     trainer.train()
-    moved = {name: brightness(trainer.policy, ps) - start[name] for name, ps in (("red", red), ("blue", blue))}
+    return {name: brightness(trainer.policy, ps) - start[name] for name, ps in (("red", red), ("blue", blue))}
+
+
+def test_policy_gradient_climbs_a_prompt_dependent_reward(tmp_path, tiny_model):
+    """Rung 1 of the RL-learning diagnosis: one run, two prompt sets asking for opposite moves
+    (brighter for "red" prompts, darker for "blue" ones). A loop that scored a trajectory under
+    another prompt's conditioning than it was sampled with would average the two and move neither.
+    Flow-SDE, the shipped flow_grpo sampler. (Dance-SDE at η 1 with shared noise darkens both sets
+    here, -0.05 / -0.07 after 6 epochs: docs/results.md, ninth round.)"""
+    moved = _red_blue_brightness_run(tmp_path, tiny_model,
+                                     ["reward=prompt_brightness", "reward_kwargs={up: [red], down: [blue]}"])
     # a random tiny UNet reads its text weakly, so the prompt-dependent part moves less than
     # plain brightness does (measured +0.059 / -0.028 after 12 epochs); the gap is what conditioning buys
     assert moved["red"] > 0.01 and moved["blue"] < -0.01 and moved["red"] - moved["blue"] > 0.03, moved
@@ -272,21 +278,8 @@ def test_shuffled_control_reward_carries_no_signal(tmp_path, tiny_model):
     """The same run as the prompt-dependent test above, with the reward's scores dealt out at
     random within each group (``reward=shuffled``): the group's advantages keep their sizes but no
     longer say which image earned them, so the two prompt sets are not pulled apart."""
-    from diffalign.sampling.generate import generate
-
-    red, blue = ["a red circle", "two red squares"], ["a blue triangle", "three blue circles"]
-    (tmp_path / "prompts.txt").write_text("\n".join(red + blue) + "\n")
-
-    def brightness(policy, prompts):
-        return float(generate(policy, prompts * 4, list(range(200, 200 + 4 * len(prompts))), steps=3, cfg=4.5).mean())
-
-    trainer = Trainer(_cfg(tiny_model, "rollout.sampler=flow_sde", "rollout.noise_level=0.7", "epochs=12",
-                           "eval.every=0", "prompts_per_epoch=4", f"prompt_file={tmp_path / 'prompts.txt'}", "grpo.minibatch_size=16",
-                           "reward=shuffled", "reward_kwargs={reward: prompt_brightness, kwargs: {up: [red], down: [blue]}}",
-                           "grpo.beta_kl=0", "lr=3e-3"), tmp_path / "run")
-    start = {name: brightness(trainer.policy, ps) for name, ps in (("red", red), ("blue", blue))}
-    trainer.train()
-    moved = {name: brightness(trainer.policy, ps) - start[name] for name, ps in (("red", red), ("blue", blue))}
+    moved = _red_blue_brightness_run(tmp_path, tiny_model, [
+        "reward=shuffled", "reward_kwargs={reward: prompt_brightness, kwargs: {up: [red], down: [blue]}}"])
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/unshuffled" in r]
     assert len(rows) == 12  # the real scores are logged beside the dealt ones
     # measured +0.038 / +0.032: with no signal the update still moves the model (both sets the same
