@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny import tiny_policy, tiny_unet, write_render_prefs
 
+from diffalign.algorithms.preference import flow_matching_error, seppo_flip, seppo_loss
 from diffalign.cli import main
 from diffalign.config import load_config
 from diffalign.data.preference import PreferenceWriter
@@ -98,6 +99,58 @@ def test_pool_context_runs_the_chosen_parameters():
     with pool.context(pol, 1):
         torch.testing.assert_close(pol.predict(x, t, cond), saved_v)
     assert not torch.allclose(pol.predict(x, t, cond), saved_v)
+
+
+def _fit_winners(policy, x_w, cond, sigma, eps, steps=40):
+    """Fit the policy to the winners under fixed ``(σ, ε)`` (a few Adam steps on their
+    flow-matching error), so it explains them better than it did before."""
+    opt = torch.optim.Adam(policy.trainable_parameters(), lr=3e-3)
+    x_t, v_star = (1 - sigma.view(-1, 1, 1, 1)) * x_w + sigma.view(-1, 1, 1, 1) * eps, eps - x_w
+    for _ in range(steps):
+        opt.zero_grad()
+        flow_matching_error(policy.predict(x_t, sigma, cond), v_star).mean().backward()
+        opt.step()
+
+
+def test_seppo_anchor_criterion_on_a_case_with_a_known_answer(tmp_path, tiny_model, prefs):
+    """SePPO's anchor (the paper's and ALGORITHMS.md's): the reference sample's role is decided by
+    which model explains the *winner* better. Built so the answer is known, through the trainer's
+    own error computation and pool: (1) a policy fitted to the winners against the base
+    reference → the policy is better, every reference sample stays a loser (s = +1) and the loss
+    pushes its error up; (2) the same fitted weights as the pool's reference and the policy back
+    at the base → the reference is better, every reference sample is learned as a winner (s = −1)
+    and the loss pulls its error down; (3) reference = policy → ties → s = +1."""
+    t = PreferenceTrainer(_cfg(tiny_model, prefs, "seppo"), tmp_path / "r")
+    batch = t.data.batch(torch.arange(4))
+    g = torch.Generator().manual_seed(0)
+    sigma, eps = torch.full((4,), 0.5), torch.randn(4, 3, 32, 32, generator=g)
+    cond, x_w = t.policy.encode(batch.prompts), t.policy.encode_images(batch.winners)
+    x_s = torch.rand(4, 3, 32, 32, generator=g)  # any reference sample: the anchor never looks at it
+    start = {k: v.detach().clone() for k, v in t.policy.trainable_state().items()}
+    _fit_winners(t.policy, x_w, cond, sigma, eps)
+    t.pool.add(t.policy, 1)  # entry 1 = the fitted weights; entry 0 = the base
+
+    def decide(ref_index):
+        (err_w, err_s), (ref_w, ref_s) = t._errors([x_w, x_s], cond, sigma, eps, t.pool.context(t.policy, ref_index))
+        err_s = err_s.detach().requires_grad_(True)
+        loss, m = seppo_loss(err_w.detach(), ref_w, err_s, ref_s, beta=50.0, flipper="sign")
+        loss.backward()
+        return seppo_flip(err_w, ref_w, "sign"), err_w.detach(), ref_w, err_s.grad, m
+
+    s, err_w, ref_w, grad_s, m = decide(0)  # policy fitted, reference = base
+    assert (err_w < ref_w).all() and torch.equal(s, torch.ones(4))
+    assert float(m["flip_fraction"]) == 0 and (grad_s < 0).all()  # loser: descending raises err_s
+
+    with torch.no_grad():
+        for k, v in t.policy.trainable_state().items():
+            v.copy_(start[k])  # the policy back at the base; the fitted weights live on in the pool
+    s, err_w, ref_w, grad_s, m = decide(1)
+    assert (ref_w < err_w).all() and torch.equal(s, -torch.ones(4))
+    assert float(m["flip_fraction"]) == 1 and (grad_s > 0).all()  # winner: descending lowers err_s
+
+    s, err_w, ref_w, _, _ = decide(0)  # reference = base = policy
+    torch.testing.assert_close(err_w, ref_w)
+    assert torch.equal(s, torch.ones(4))
 
 
 # ---------------------------------------------------------------- the trainer
