@@ -8,6 +8,12 @@ independent initial noise, the same noise for every target and sampler) with:
 - ``sde``: the rollout sampler of ``flow_grpo.yaml`` (Flow-SDE, a = 0.7, SDE on steps 0–1 of 10);
 - ``ode10``: the Euler ODE with the rollout's 10 steps;
 - ``ode20``: the Euler ODE with evaluation's 20 steps;
+- ``ode10>20``: the Euler ODE on a mixed grid: the 10-step grid's first two steps (σ 1.0 → 0.9 →
+  0.8, the ones GRPO trains), then the 20-step grid from 0.8 to 0 (18 steps);
+- ``ode20>10``: the reverse: the 20-step grid from 1.0 to 0.8 (4 steps), then the 10-step grid
+  (12 steps). If a gain that shows at 10 steps and not at 20 comes back with ``ode10>20``,
+  it is carried by the coarse early steps; if it comes back with ``ode20>10``, by the coarse
+  late steps;
 
 at each CFG weight of ``--cfgs`` (default 4.5), and prints the verifier's strict and partial
 score, overall and per task.
@@ -29,6 +35,7 @@ Prints a markdown table and JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -42,13 +49,19 @@ SAMPLERS = {
     "ode20": {"sampler": "ode", "steps": 20},
 }
 
+# Euler ODE on explicit σ grids (same initial noise as the samplers above)
+GRIDS = {
+    "ode10>20": [1.0, 0.9, 0.8] + [round(0.8 - 0.05 * i, 4) for i in range(1, 17)],
+    "ode20>10": [1.0, 0.95, 0.9, 0.85, 0.8] + [round(0.8 - 0.1 * i, 4) for i in range(1, 9)],
+}
+
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--targets", default="base", help="comma-separated: base, run directories, checkpoints")
     ap.add_argument("--split", default="train", choices=["train", "test", "ood"])
     ap.add_argument("--images", type=int, default=384)
-    ap.add_argument("--samplers", default=",".join(SAMPLERS))
+    ap.add_argument("--samplers", default=",".join(SAMPLERS), help=f"comma-separated, of {', '.join([*SAMPLERS, *GRIDS])}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-seed", type=int, default=7)
     ap.add_argument("--cfgs", default="4.5", help="comma-separated CFG weights")
@@ -67,6 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     keep_freed_memory()
     torch.set_num_threads(args.threads)
     prompts = eval_prompts(args.split, args.images, seed=args.prompt_seed)
+    unknown = [s for s in args.samplers.split(",") if s not in SAMPLERS and s not in GRIDS]
+    if unknown:
+        raise SystemExit(f"error: unknown sampler(s) {', '.join(unknown)}; choose from {', '.join([*SAMPLERS, *GRIDS])}")
     results = []
     for target in args.targets.split(","):
         policy, name = load_policy_for_eval(None if target == "base" else target)
@@ -78,16 +94,20 @@ def main(argv: list[str] | None = None) -> dict:
                             **sample_distance(policy, x0, prompts)})
         for guidance in (float(g) for g in args.cfgs.split(",")):
             for sampler in args.samplers.split(","):
-                cfg = RolloutConfig(guidance_scale=guidance, batch_size=128, **SAMPLERS[sampler])
                 t0 = time.perf_counter()
-                with torch.no_grad():
-                    traj = rollout(policy, prompts, torch.arange(len(prompts)), cfg,
-                                   generator=torch.Generator().manual_seed(123))
-                st = verdict_stats(prompts, verify_batch(traj.images, prompts))
+                if sampler in GRIDS:
+                    x0, images = grid_sample(policy, prompts, GRIDS[sampler], guidance)
+                else:
+                    cfg = RolloutConfig(guidance_scale=guidance, batch_size=128, **SAMPLERS[sampler])
+                    with torch.no_grad():
+                        traj = rollout(policy, prompts, torch.arange(len(prompts)), cfg,
+                                       generator=torch.Generator().manual_seed(123))
+                    x0, images = traj.latents[:, -1], traj.images
+                st = verdict_stats(prompts, verify_batch(images, prompts))
                 row = {"target": target, "sampler": sampler, "cfg": guidance,
                        "seconds": round(time.perf_counter() - t0, 1), **st}
                 if args.fm_loss:
-                    row |= sample_distance(policy, traj.latents[:, -1], prompts)
+                    row |= sample_distance(policy, x0, prompts)
                 results.append(row)
                 print(f"{target} {sampler} cfg {guidance:g}: score {st['score']:.3f} partial {st['partial']:.3f}",
                       flush=True)
@@ -102,6 +122,36 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"split": args.split, "images": args.images, "fm_sigmas": list(FM_SIGMAS) if args.fm_loss else None,
            "results": results}
     return emit_json(out, args.json)
+
+
+def initial_noise_of_rollouts(policy, n: int) -> torch.Tensor:
+    """The initial noise ``rollout`` draws for ``n`` independent samples from the seed used above."""
+    from diffalign.sampling.rollout import RolloutConfig, rollout
+
+    with torch.no_grad():
+        traj = rollout(policy, ["a red circle"] * n, torch.arange(n), RolloutConfig(sampler="ode", steps=1),
+                       generator=torch.Generator().manual_seed(123))
+    return traj.latents[:, 0]
+
+
+@torch.no_grad()
+def grid_sample(policy, prompts: list[str], sigmas: list[float], guidance: float, *, batch: int = 128):
+    """Euler ODE through the σ grid ``sigmas`` (from 1 to 0) from the rollouts' initial noise:
+    ``(final latents, images)``."""
+    from diffalign.sampling.steps import ode_step
+
+    if sigmas[0] != 1.0 or sigmas[-1] != 0.0 or any(b >= a for a, b in itertools.pairwise(sigmas)):
+        raise ValueError(f"a σ grid must fall strictly from 1 to 0; got {sigmas}")
+    x_all = initial_noise_of_rollouts(policy, len(prompts))
+    lat, img = [], []
+    for i in range(0, len(prompts), batch):
+        x, cond = x_all[i:i + batch], policy.encode(prompts[i:i + batch])
+        for s, s_next in itertools.pairwise(sigmas):
+            v = policy.predict(x, torch.tensor(s), cond, guidance_scale=guidance).float()
+            x = ode_step(x, v, s, s_next)
+        lat.append(x)
+        img.append(policy.decode(x).float())
+    return torch.cat(lat), torch.cat(img)
 
 
 @torch.no_grad()

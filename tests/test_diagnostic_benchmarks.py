@@ -225,3 +225,58 @@ def test_lora_drift_measures_the_weight_change_of_real_lora_runs(tmp_path, tiny_
 
     with pytest.raises(SystemExit, match="no LoRA weights"):
         bench.lora_deltas({"policy": {"conv.weight": torch.zeros(2, 2)}}, 1.0)
+
+
+def test_velocity_change_profiles_the_change_per_noise_level(tmp_path, tiny_model):
+    """benchmarks/velocity_change.py: a model against itself changes nothing at any σ; two
+    different models give the hand-computed relative change at the first step (where the states
+    are the initial noises), and the 10- / 20-step grid flags mark the right σ of a 40-step grid."""
+    from diffalign.evaluation.report import load_policy_for_eval
+    from diffalign.sampling.generate import initial_noise
+    from diffalign.world.grammar import eval_prompts
+
+    bench = load_benchmark("velocity_change")
+    same = bench.main([tiny_model, "--base", tiny_model, "--images", "3", "--grid", "40", "--threads", "1",
+                       "--json", str(tmp_path / "v.json")])
+    rows = same["rows"]
+    assert len(rows) == 40 and all(r["rel_change"] == 0 for r in rows)
+    assert [r["sigma"] for r in rows if r["on_10"]] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    assert sum(r["on_20"] for r in rows) == 20 and [r["sigma"] for r in rows if r["trained"]] == [1.0, 0.9]
+    assert json.loads((tmp_path / "v.json").read_text()) == same
+
+    other = str(save_unet(tmp_path / "other.safetensors", tiny_unet(1), 32))
+    a, _ = load_policy_for_eval(other)
+    b, _ = load_policy_for_eval(tiny_model)
+    prompts = eval_prompts("test", 3, seed=7)
+    rows = bench.profile(a, b, prompts, 4, 4.5, seed=0)
+    x = initial_noise(b.latent_shape(32, 32), [0, 1, 2])
+    with torch.no_grad():
+        va = a.predict(x, torch.tensor(1.0), a.encode(prompts), guidance_scale=4.5)
+        vb = b.predict(x, torch.tensor(1.0), b.encode(prompts), guidance_scale=4.5)
+    by_hand = float((va - vb).flatten(1).norm(dim=1).sum() / vb.flatten(1).norm(dim=1).sum())
+    assert rows[0]["rel_change"] == pytest.approx(by_hand, rel=1e-5) and rows[0]["rel_change"] > 0
+
+
+def test_sampler_gap_grid_sampler_matches_the_rollout_ode_on_its_grid(tmp_path, tiny_model):
+    """The explicit-grid Euler sampler of benchmarks/sampler_gap.py on the uniform 10-step grid
+    reproduces the 10-step ODE rollout from the same initial noise; the two mixed grids fall
+    from 1 to 0 through the trained steps (1.0, 0.9 → 0.8 / 20-step grid to 0.8) in 18 and 12 steps."""
+    from diffalign.evaluation.report import load_policy_for_eval
+    from diffalign.sampling.rollout import RolloutConfig, rollout
+
+    bench = load_benchmark("sampler_gap")
+    policy, _ = load_policy_for_eval(tiny_model)
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    with torch.no_grad():
+        traj = rollout(policy, prompts, torch.arange(3), RolloutConfig(sampler="ode", steps=10, guidance_scale=4.5),
+                       generator=torch.Generator().manual_seed(123))
+    x0, images = bench.grid_sample(policy, prompts, [round(1 - 0.1 * i, 4) for i in range(11)], 4.5)
+    torch.testing.assert_close(x0, traj.latents[:, -1], atol=1e-5, rtol=1e-4)
+    assert images.shape == traj.images.shape
+    a, b = bench.GRIDS["ode10>20"], bench.GRIDS["ode20>10"]
+    assert (len(a) - 1, len(b) - 1) == (18, 12) and a[:3] == [1.0, 0.9, 0.8] and b[:5] == [1.0, 0.95, 0.9, 0.85, 0.8]
+    assert a[-1] == b[-1] == 0.0 and all(y < x for g in (a, b) for x, y in zip(g, g[1:], strict=False))
+    with pytest.raises(ValueError, match="fall strictly from 1 to 0"):
+        bench.grid_sample(policy, prompts, [1.0, 0.5, 0.6, 0.0], 4.5)
+    with pytest.raises(SystemExit, match="unknown sampler"):
+        bench.main(["--targets", "base", "--images", "2", "--samplers", "ode7"])
