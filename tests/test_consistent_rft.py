@@ -49,6 +49,31 @@ def test_cpgo_loss_hand_computed():
     assert loss_w.item() == pytest.approx(2.5)  # second sample masked out: (5 + 0) / 2
 
 
+def test_cpgo_mse_distance_known_answers():
+    """``distance=mse``: the per-dimension mean of the squared difference. A constant per-pixel
+    error c gives λ·c² at any resolution, where ``l2`` gives λ·c·√D; the gradient is
+    2λ·(pred − target)/(B·D), so it vanishes at the target, where ``l2``'s stays a unit vector."""
+    for d in (4, 16, 3072):
+        pred, target = torch.full((2, d), 0.5, requires_grad=True), torch.zeros(2, d)
+        mse, m = cpgo_loss(pred, target, 0.1, distance="mse")
+        assert mse.item() == pytest.approx(0.1 * 0.25) and m["cpgo_dist"].item() == pytest.approx(0.25)
+        assert cpgo_loss(pred, target, 0.1)[0].item() == pytest.approx(0.1 * 0.5 * d**0.5, rel=1e-6)
+    pred = torch.tensor([[3.0, 4.0], [1.0, 1.0]], requires_grad=True)
+    target = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    loss, _ = cpgo_loss(pred, target, 0.5, distance="mse")
+    assert loss.item() == pytest.approx(0.5 * (12.5 + 0.5) / 2)
+    loss.backward()
+    torch.testing.assert_close(pred.grad, 2 * 0.5 * (pred.detach() - target) / (2 * 2))
+    near = (target + 1e-4).requires_grad_(True)
+    cpgo_loss(near, target, 1.0, distance="mse")[0].backward()
+    assert near.grad.norm() < 1e-4
+    near_l2 = (target + 1e-4).requires_grad_(True)
+    cpgo_loss(near_l2, target, 1.0)[0].backward()
+    assert near_l2.grad.flatten(1).norm(dim=1).tolist() == pytest.approx([0.5, 0.5])  # unit vector / B
+    with pytest.raises(ValueError, match="cpgo.distance"):
+        CPGOConfig(distance="l1")
+
+
 def test_cpgo_regularizer_gates_by_sigma_and_probability():
     from diffalign.sampling.rollout import Trajectory
 
@@ -67,6 +92,9 @@ def test_cpgo_regularizer_gates_by_sigma_and_probability():
     want = (pred[2:] - targets).flatten(1).norm(dim=1).sum() / 4
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
     assert m["cpgo_applied"].item() == 0.5
+    loss_mse, _ = CPGORegularizer(CPGOConfig(weight=1.0, sigma_gate=0.6, prob=1.0, distance="mse"))(
+        traj, idx, k, pred, torch.Generator().manual_seed(0))
+    assert loss_mse.item() == pytest.approx(((pred[2:] - targets).flatten(1).pow(2).mean(1).sum() / 4).item(), rel=1e-6)
     reg0 = CPGORegularizer(CPGOConfig(weight=1.0, sigma_gate=0.6, prob=0.0))
     assert reg0(traj, idx, k, pred, torch.Generator().manual_seed(0))[0].item() == 0.0
 

@@ -12,7 +12,7 @@ estimate one step later, a more stable prior::
 
     L_c = λ · mean_i ‖x̂0_θ(x_k)_i − sg(x̂0_old(x_{k+1}))_i‖₂
 
-applied only at steps with ``σ_k ≤ gate``, each time with probability ``p``.
+(or, with ``distance: mse``, the per-dimension mean of the squared difference) applied only at steps with ``σ_k ≤ gate``, each time with probability ``p``.
 """
 
 from __future__ import annotations
@@ -27,21 +27,38 @@ from diffalign.config import ranged
 from diffalign.errors import ConfigError
 from diffalign.sampling.rollout import Trajectory
 
+CPGO_DISTANCES = ("l2", "mse")
 
-def cpgo_loss(x0_pred: Tensor, x0_target: Tensor, weight: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """CPGO consistency loss ``L_c = λ·mean_i ‖x̂0_θ,i − sg(target_i)‖₂`` (L2 norm per sample).
+
+def cpgo_loss(x0_pred: Tensor, x0_target: Tensor, weight: float | Tensor,
+              distance: str = "l2") -> tuple[Tensor, dict[str, Tensor]]:
+    """CPGO consistency loss ``L_c = λ·mean_i d(x̂0_θ,i, sg(target_i))``.
+
+    ``distance``:
+
+    - ``l2`` (ALGORITHMS.md): the L2 norm per sample, ``‖x̂0_θ − target‖₂``. It grows with the
+      number of dimensions D (√D for the same per-pixel error) and its gradient is a unit
+      vector per sample, ``λ·(x̂0_θ − target)/‖·‖``, whatever the distance.
+    - ``mse``: the per-dimension mean of the squared difference, ``mean_d (x̂0_θ − target)²``
+      (``F.mse_loss`` per sample). Independent of D for the same per-pixel error; its gradient,
+      ``2λ·(x̂0_θ − target)/D``, shrinks with the distance. This is the normalisation under
+      which a weight like the authors' 0.1 is read per pixel.
 
     Args:
         x0_pred: ``(B, ...)`` current policy's clean estimate ``x̂0_θ(x_k)`` (with gradient).
         x0_target: ``(B, ...)`` the stored ``x̂0_old(x_{k+1})`` (detached here).
         weight: ``λ``, a scalar or a per-sample ``(B,)`` weight (0 masks a sample out).
+        distance: ``l2`` or ``mse``.
 
     Returns:
-        ``(loss, metrics)`` with ``cpgo_dist`` (mean per-sample L2 distance, detached).
+        ``(loss, metrics)`` with ``cpgo_dist`` (the mean per-sample distance, detached).
     """
     if x0_pred.shape != x0_target.shape:
         raise ValueError(f"x0_pred {tuple(x0_pred.shape)} and x0_target {tuple(x0_target.shape)} differ in shape")
-    dist = (x0_pred.float() - x0_target.detach().float()).flatten(1).norm(dim=1)
+    if distance not in CPGO_DISTANCES:
+        raise ConfigError(f"cpgo.distance={distance!r}; choose one of {', '.join(CPGO_DISTANCES)}")
+    diff = (x0_pred.float() - x0_target.detach().float()).flatten(1)
+    dist = diff.norm(dim=1) if distance == "l2" else diff.pow(2).mean(dim=1)
     w = torch.as_tensor(weight, dtype=dist.dtype, device=dist.device)
     loss = (w * dist).mean()
     return loss, {"cpgo_dist": dist.detach().mean(), "cpgo_loss": loss.detach()}
@@ -95,10 +112,14 @@ class CPGOConfig:
     """Apply only at steps with σ_k ≤ this."""
     prob: float = ranged(0.2, ge=0, le=1)
     """Probability of applying it at a given (sample, step)."""
+    distance: Literal["l2", "mse"] = "l2"
+    """l2: per-sample L2 norm (ALGORITHMS.md); mse: per-dimension mean of the squared difference."""
 
     def __post_init__(self) -> None:
         if self.weight < 0 or not 0 <= self.prob <= 1:
             raise ConfigError(f"cpgo.weight must be >= 0 and cpgo.prob in [0, 1]; got {self.weight}, {self.prob}")
+        if self.distance not in CPGO_DISTANCES:
+            raise ConfigError(f"cpgo.distance={self.distance!r}; choose one of {', '.join(CPGO_DISTANCES)}")
 
 
 class CPGORegularizer:
@@ -113,6 +134,6 @@ class CPGORegularizer:
         draw = torch.rand(len(idx), generator=generator)
         mask = (sigma <= c.sigma_gate + 1e-6) & (draw < c.prob)
         target = traj.next_x0_pred()[idx.to(traj.latents.device), k.to(traj.latents.device)]
-        loss, metrics = cpgo_loss(x0_pred, target, c.weight * mask.to(x0_pred.device).float())
+        loss, metrics = cpgo_loss(x0_pred, target, c.weight * mask.to(x0_pred.device).float(), c.distance)
         metrics["cpgo_applied"] = mask.float().mean()
         return loss, metrics
