@@ -14,7 +14,7 @@ from diffalign.data.preference import PreferenceWriter
 from diffalign.errors import ConfigError
 from diffalign.models.checkpoint import load_unet, save_unet
 from diffalign.training.preference import PreferenceConfig, PreferenceTrainer, ReferencePool
-from diffalign.training.rundir import load_checkpoint, read_metrics
+from diffalign.training.rundir import list_checkpoints, load_checkpoint, read_metrics
 from diffalign.world.grammar import prompt_splits
 from diffalign.world.render import render_batch
 
@@ -201,7 +201,8 @@ def test_seppo_trains_reports_flips_and_resumes_exactly(tmp_path, tiny_model, pr
 
 
 def test_epochs_shuffle_and_sft(tmp_path, tiny_model, prefs):
-    t = PreferenceTrainer(_cfg(tiny_model, prefs, "sft", "max_updates=null", "epochs=2", "eval.every=0"), tmp_path / "s")
+    t = PreferenceTrainer(_cfg(tiny_model, prefs, "sft", "max_updates=null", "epochs=2", "eval.every=0",
+                               "ckpt_keep_every=3"), tmp_path / "s")
     assert len(t.data) == 16 and t.batches_per_epoch == 4 and t.total_updates == 8
     e0 = torch.cat([t.micro_batch_indices(m) for m in range(4)])
     e1 = torch.cat([t.micro_batch_indices(m) for m in range(4, 8)])
@@ -210,6 +211,7 @@ def test_epochs_shuffle_and_sft(tmp_path, tiny_model, prefs):
     rows = [r for r in read_metrics(tmp_path / "s" / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 8 and rows[-1]["epoch"] == 2.0 and "err_w" in rows[0]
     assert summary["updates"] == 8
+    assert list_checkpoints(tmp_path / "s") == [3, 6, 7, 8]  # ckpt_every=1, the newest two + multiples of 3
 
 
 def test_dpo_needs_losers(tmp_path, tiny_model):

@@ -132,6 +132,16 @@ def test_checkpoint_round_trip_and_keep_last(tmp_path: Path) -> None:
         load_checkpoint(run, step=10)
 
 
+def test_keep_every_keeps_a_history_beside_the_newest(tmp_path: Path) -> None:
+    run = RunDir(tmp_path).create({})
+    for step in range(1, 8):
+        save_checkpoint(run, step, _state(step), keep_every=3)
+    assert list_checkpoints(run) == [3, 6, 7] and latest_step(run) == 7
+    assert load_checkpoint(run, step=3)["step"] == 3
+    with pytest.raises(ValueError, match="keep_every"):
+        save_checkpoint(run, 8, _state(8), keep_every=-1)
+
+
 def test_missing_and_corrupt_checkpoints(tmp_path: Path) -> None:
     run = RunDir(tmp_path).create({})
     with pytest.raises(CheckpointError, match="no checkpoint"):

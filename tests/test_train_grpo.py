@@ -298,3 +298,22 @@ def test_step_epoch_is_the_training_loop_s_epoch(tmp_path, tiny_model):
     assert stepped.train_time > 0 and rows[1]["train_time_s"] == stepped.train_time
     a, b = looped.policy.trainable_parameters(), stepped.policy.trainable_parameters()
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_kept_checkpoints_can_be_evaluated_by_step(tmp_path, tiny_model):
+    """``ckpt_keep_every`` keeps earlier policies beside the newest two, and ``diffalign eval``'s
+    loader reads ``<run>/checkpoints/step_N`` as that step of the run (what matched-reward
+    comparisons evaluate)."""
+    from diffalign.evaluation.report import load_policy_for_eval
+    from diffalign.training.rundir import list_checkpoints
+
+    run = tmp_path / "run"
+    Trainer(_cfg(tiny_model, "epochs=4", "eval.every=0", "ckpt_keep_every=2"), run).train()
+    assert list_checkpoints(run) == [2, 3, 4]
+    early, name = load_policy_for_eval(run / "checkpoints" / "step_0000002")
+    latest, _ = load_policy_for_eval(run)
+    assert "step 2" in name
+    saved = load_checkpoint(run, 2)["policy"]
+    e, last = early.trainable_state(), latest.trainable_state()
+    assert all(torch.equal(e[k].detach(), saved[k]) for k in saved)
+    assert any(not torch.equal(e[k], last[k]) for k in e)

@@ -273,7 +273,7 @@ def _add_train_parser(sub) -> None:
 def _add_eval_parser(sub) -> None:
     """``diffalign eval``."""
     p = sub.add_parser("eval", help="evaluate a checkpoint or run on test and out-of-domain prompts")
-    p.add_argument("target", nargs="?", default="base", help="checkpoint file, run directory, or 'base'")
+    p.add_argument("target", nargs="?", default="base", help="checkpoint file, run directory, a run's checkpoints/step_N directory, or 'base'")
     p.add_argument("--out", default="eval", help="output directory for eval.json, eval.md and grids")
     p.add_argument("--num-images", type=int, default=512, help="images per split")
     p.add_argument("--steps", type=int, default=20, help="Euler ODE steps")

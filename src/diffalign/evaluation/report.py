@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 from pathlib import Path
 
@@ -35,8 +36,9 @@ from diffalign.world.verify import verify_batch
 LOW_LEVEL = ("laplacian_var", "highpass", "edge_spread", "flat_noise")
 
 
-def _load_run(path: Path) -> tuple[TinyFlowPolicy, str]:
-    """The latest weights of a training run directory (EMA when the run evaluates with it)."""
+def _load_run(path: Path, step: int | None = None) -> tuple[TinyFlowPolicy, str]:
+    """The latest weights (or ``step``'s) of a training run directory (EMA when the run
+    evaluates with it)."""
     from diffalign.config import load_yaml
     from diffalign.training.rundir import latest_step, load_checkpoint
 
@@ -58,7 +60,7 @@ def _load_run(path: Path) -> tuple[TinyFlowPolicy, str]:
                                                 lora_alpha=cfg.get("lora_alpha"))
     except CheckpointError as e:
         raise CheckpointError(f"run {path}: its base model cannot be loaded: {e}") from None
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, step)
     use_ema = bool((cfg.get("eval") or {}).get("use_ema", True))
     weights = (state.get("snapshots") or {}).get("ema") if use_ema else None
     weights = weights or state.get("policy")
@@ -87,6 +89,9 @@ def load_policy_for_eval(target: str | Path | None) -> tuple[TinyFlowPolicy, str
     if not path.exists():
         raise DiffalignError(f"{path}: no such checkpoint file or run directory")
     if path.is_dir():
+        m = re.fullmatch(r"step_(\d{7,})", path.name)
+        if m and path.parent.name == "checkpoints":  # <run>/checkpoints/step_N: that step of the run
+            return _load_run(path.parent.parent, int(m.group(1)))
         return _load_run(path)
     return TinyFlowPolicy.from_checkpoint(path), str(path)
 

@@ -160,6 +160,9 @@ class PreferenceConfig:
     Budget-stopped runs are not bit-exact on resume."""
     ckpt_every: int = ranged(20, ge=1)
     """Updates between checkpoints (the last update always saves)."""
+    ckpt_keep_every: int = ranged(0, ge=0)
+    """Keep the checkpoints of updates that are multiples of this for good (0 = keep only the
+    newest two)."""
     seppo: SePPOConfig = field(default_factory=SePPOConfig)
     """SePPO settings (ignored by the other algorithms)."""
     eval: PrefEvalConfig = field(default_factory=PrefEvalConfig)
@@ -328,7 +331,7 @@ class PreferenceTrainer:
         save_checkpoint(self.run, update, loop.checkpoint_state(
             self.policy, self.optimizer.state_dict(), self.train_time,
             epoch=self.update,  # `diffalign eval` reports this as the run's progress
-            update=self.update, pool=self.pool.state_dict()))
+            update=self.update, pool=self.pool.state_dict()), keep_every=self.cfg.ckpt_keep_every)
 
     def _load(self) -> None:
         """Resume from the latest checkpoint (the shared entries and the reference pool)."""

@@ -330,10 +330,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def save_checkpoint(rundir: RunDir | str | Path, step: int, state: Mapping[str, Any], *, keep: int = 2) -> Path:
-    """Write ``checkpoints/step_{step:07d}/state.pt`` atomically, point ``latest`` at it, keep ``keep``."""
+def save_checkpoint(rundir: RunDir | str | Path, step: int, state: Mapping[str, Any], *, keep: int = 2,
+                    keep_every: int = 0) -> Path:
+    """Write ``checkpoints/step_{step:07d}/state.pt`` atomically, point ``latest`` at it, keep the
+    newest ``keep``, and never prune a step that is a multiple of ``keep_every`` (0 = none): the
+    kept history that matched-reward comparisons evaluate."""
     if keep < 1:
         raise ValueError(f"keep={keep}; keep at least the checkpoint just written (keep >= 1)")
+    if keep_every < 0:
+        raise ValueError(f"keep_every={keep_every}; use 0 (prune all but the newest) or a positive step interval")
     ckdir = _checkpoints_dir(rundir)
     ckdir.mkdir(parents=True, exist_ok=True)
     _clean_temp(ckdir)
@@ -349,13 +354,15 @@ def save_checkpoint(rundir: RunDir | str | Path, step: int, state: Mapping[str, 
         shutil.rmtree(final)
     tmp.rename(final)
     _atomic_write_text(ckdir / LATEST_FILE, name + "\n")
-    _prune(ckdir, keep, step)
+    _prune(ckdir, keep, step, keep_every)
     return final
 
 
-def _prune(ckdir: Path, keep: int, current: int) -> None:
+def _prune(ckdir: Path, keep: int, current: int, keep_every: int = 0) -> None:
     old = [s for s in list_checkpoints(ckdir.parent) if s != current]
     for s in old[: max(0, len(old) - (keep - 1))]:
+        if keep_every and s % keep_every == 0:
+            continue
         shutil.rmtree(ckdir / _ckpt_name(s), ignore_errors=True)
 
 

@@ -153,6 +153,9 @@ class TrainConfig:
     this budget (None = run all epochs). Budget-stopped runs are not bit-exact on resume."""
     ckpt_every: int = ranged(5, ge=1)
     """Epochs between checkpoints (the last epoch always saves)."""
+    ckpt_keep_every: int = ranged(0, ge=0)
+    """Keep the checkpoints of epochs that are multiples of this for good (0 = keep only the
+    newest two). For comparisons at matched reward, which evaluate a run's earlier policies."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Sampler used for rollouts."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
@@ -377,7 +380,8 @@ class Trainer:
         optimizer_state = self.optimizer.state_dict()
         run_on_main(lambda: save_checkpoint(self.run, epoch, loop.checkpoint_state(
             self.policy, optimizer_state, self.train_time, epoch=epoch, algorithm=self.algo.state_dict(),
-            curriculum=self.curriculum.state_dict() if self.curriculum else None)))
+            curriculum=self.curriculum.state_dict() if self.curriculum else None),
+            keep_every=self.cfg.ckpt_keep_every))
 
     def _load(self) -> None:
         """Resume from the latest checkpoint (the shared entries, the algorithm's and the curriculum's state)."""
