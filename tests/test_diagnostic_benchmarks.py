@@ -280,3 +280,41 @@ def test_sampler_gap_grid_sampler_matches_the_rollout_ode_on_its_grid(tmp_path, 
         bench.grid_sample(policy, prompts, [1.0, 0.5, 0.6, 0.0], 4.5)
     with pytest.raises(SystemExit, match="unknown sampler"):
         bench.main(["--targets", "base", "--images", "2", "--samplers", "ode7"])
+
+
+def test_matched_reward_picks_the_kept_checkpoint_nearest_a_common_reward(tmp_path, tiny_model):
+    """benchmarks/matched_reward.py on two real tiny runs that keep every checkpoint: the common
+    value is the lowest best smoothed reward, each run's matched checkpoint is its nearest kept
+    one, that step is what gets evaluated, and claims.json gets final and matched figures."""
+    from diffalign.config import load_config
+    from diffalign.training.trainer import TrainConfig, Trainer
+
+    runs = []
+    for name, lr in (("fast-seed0", "3e-2"), ("slow-seed0", "1e-4")):
+        cfg = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
+            f"model={tiny_model}", "lora_rank=0", "epochs=4", "prompts_per_epoch=2", "group_size=4",
+            "rollout.steps=3", "rollout.sde_window=null", "eval.every=0", "grpo.minibatch_size=8", f"lr={lr}",
+            "lr_schedule=constant", "reward=jpeg_incompressibility", "reward_kwargs={}", "threads=1",
+            "ckpt_every=1", "ckpt_keep_every=1"])
+        Trainer(cfg, tmp_path / name).train()
+        runs.append(tmp_path / name)
+    bench = load_benchmark("matched_reward")
+    curves = {r: bench.smoothed_reward(r, 2) for r in runs}
+    assert all(sorted(c) == [1, 2, 3, 4] for c in curves.values())
+    value = min(max(c.values()) for c in curves.values())
+    summary = tmp_path / "claims.json"
+    out = bench.main([*map(str, runs), "--window", "2", "--eval-images", "4", "--images-per-prompt", "1",
+                      "--eval-steps", "2", "--summary", str(summary), "--key", "toy"])
+    assert out["matched_reward"] == pytest.approx(value)
+    for run in runs:
+        method = run.name.split("-seed")[0]
+        r = out["methods"][method]["0"]
+        want = min(curves[run], key=lambda s: (abs(curves[run][s] - value), s))
+        assert r["matched"]["epoch"] == want and r["final"]["epoch"] == 4 and r["eval_images"] == 4
+        assert r["final"]["rollout_images"] == 32 and r["matched"]["rollout_images"] == 8 * want
+        assert 0 <= r["matched"]["test/score"] <= 1 and "ood/score" in r["final"]
+        ev_dir = run / ("eval" if want == 4 else "eval_matched")
+        assert f"step {want}" in json.loads((ev_dir / "eval.json").read_text())["model"]
+    assert json.loads(summary.read_text())["toy"] == out
+    with pytest.raises(SystemExit, match="named <method>-seed"):
+        bench.main([str(tmp_path)])
