@@ -35,12 +35,14 @@ FIGURES = ("score", "partial", "high_level_hallucination", "hallucinated", "miss
            "diversity/pixel", "proxy/score")
 
 
-def smoothed_reward(run: Path, window: int) -> dict[int, float]:
-    """Epoch → mean rollout reward over the ``window`` epochs ending there."""
+def smoothed_reward(run: Path, window: int, rows: list[dict] | None = None) -> dict[int, float]:
+    """Epoch → mean rollout reward over the ``window`` epochs ending there (``rows``: the run's
+    metrics, read from its ``metrics.jsonl`` when not given)."""
     from diffalign.training.rundir import read_metrics
 
-    rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("reward") is not None]
-    by_step = {int(r["step"]): float(r["reward"]) for r in rows}  # a resumed run rewrites its steps
+    rows = read_metrics(run / "metrics.jsonl") if rows is None else rows
+    # a resumed run rewrites its steps: the last row of a step wins
+    by_step = {int(r["step"]): float(r["reward"]) for r in rows if r.get("reward") is not None}
     steps = sorted(by_step)
     out = {}
     for i, s in enumerate(steps):
@@ -69,15 +71,10 @@ def figures(ev: dict) -> dict:
     return out
 
 
-def run_facts(run: Path, epoch: int | None) -> dict:
-    """Training minutes and rollout images up to ``epoch`` (None: the whole run)."""
-    import yaml
-
-    from diffalign.training.rundir import read_metrics
-
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("train_time_s") is not None]
-    rows = [r for r in rows if epoch is None or int(r["step"]) <= epoch]
+def run_facts(cfg: dict, rows: list[dict], epoch: int | None) -> dict:
+    """Training minutes and rollout images up to ``epoch`` (None: the whole run), from the run's
+    config and metrics rows."""
+    rows = [r for r in rows if r.get("train_time_s") is not None and (epoch is None or int(r["step"]) <= epoch)]
     epochs = len({int(r["step"]) for r in rows if r.get("reward") is not None})  # epochs that rolled out
     per_epoch = (cfg.get("prompts_per_epoch") or 0) * (cfg.get("group_size") or 0)
     return {"epochs": epochs, "train_minutes": round(float(rows[-1]["train_time_s"]) / 60, 2) if rows else 0.0,
@@ -102,13 +99,18 @@ def main(argv: list[str] | None = None) -> dict:
     if args.window < 1:
         ap.error("--window must be >= 1")
 
-    from diffalign.evaluation.report import evaluate
+    import yaml
+    from convergence import reusable_eval
 
-    curves = {}
+    from diffalign.evaluation.report import evaluate
+    from diffalign.training.rundir import read_metrics
+
+    curves, metrics = {}, {}
     for run in args.runs:
         if not re.fullmatch(r".+-seed\d+", run.name) or not (run / "metrics.jsonl").is_file():
             raise SystemExit(f"error: {run} is not a run directory named <method>-seed<S> with metrics.jsonl")
-        curves[run] = smoothed_reward(run, args.window)
+        metrics[run] = read_metrics(run / "metrics.jsonl")
+        curves[run] = smoothed_reward(run, args.window, metrics[run])
         if not curves[run]:
             raise SystemExit(f"error: {run} logged no training reward")
     value = args.reward_value if args.reward_value is not None else min(max(c.values()) for c in curves.values())
@@ -116,13 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "images_per_prompt": args.images_per_prompt}
 
     def evaluated(target: Path, out: Path) -> dict:
-        f = out / "eval.json"
-        if f.is_file():
-            ev = json.loads(f.read_text())
-            if all(ev.get(k) == v for k, v in settings.items()):
-                return ev
-        return evaluate(target, out, num_images=args.eval_images, steps=args.eval_steps,
-                        guidance_scale=args.guidance, images_per_prompt=args.images_per_prompt)
+        return reusable_eval(out, settings) or evaluate(
+            target, out, num_images=args.eval_images, steps=args.eval_steps, guidance_scale=args.guidance,
+            images_per_prompt=args.images_per_prompt)
 
     methods: dict = {}
     for run in args.runs:
@@ -131,10 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
         final_epoch = max(curves[run])
         ckpt = run / "checkpoints" / f"step_{epoch:07d}"
         matched_dir = run / "eval" if epoch == final_epoch else run / "eval_matched"
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
         methods.setdefault(method, {})[seed] = {
-            "final": {**figures(evaluated(run, run / "eval")), **run_facts(run, None),
+            "final": {**figures(evaluated(run, run / "eval")), **run_facts(cfg, metrics[run], None),
                       "train_reward": curves[run][final_epoch], "epoch": final_epoch},
-            "matched": {**figures(evaluated(ckpt, matched_dir)), **run_facts(run, epoch),
+            "matched": {**figures(evaluated(ckpt, matched_dir)), **run_facts(cfg, metrics[run], epoch),
                         "train_reward": reward, "epoch": epoch},
             "eval_images": args.eval_images}
     result = {"matched_reward": value, "window": args.window, "methods": methods}

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [s for s in args.samplers.split(",") if s not in SAMPLERS and s not in GRIDS]
     if unknown:
         raise SystemExit(f"error: unknown sampler(s) {', '.join(unknown)}; choose from {', '.join([*SAMPLERS, *GRIDS])}")
-    results = []
+    results, grid_noise = [], None
     for target in args.targets.split(","):
         policy, name = load_policy_for_eval(None if target == "base" else target)
         policy.eval()
@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
             for sampler in args.samplers.split(","):
                 t0 = time.perf_counter()
                 if sampler in GRIDS:
-                    x0, images = grid_sample(policy, prompts, GRIDS[sampler], guidance)
+                    if grid_noise is None:  # the same for every target: drawn once
+                        grid_noise = initial_noise_of_rollouts(policy, len(prompts))
+                    x0, images = grid_sample(policy, prompts, GRIDS[sampler], guidance, noise=grid_noise)
                 else:
                     cfg = RolloutConfig(guidance_scale=guidance, batch_size=128, **SAMPLERS[sampler])
                     with torch.no_grad():
@@ -135,14 +137,15 @@ def initial_noise_of_rollouts(policy, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def grid_sample(policy, prompts: list[str], sigmas: list[float], guidance: float, *, batch: int = 128):
-    """Euler ODE through the σ grid ``sigmas`` (from 1 to 0) from the rollouts' initial noise:
-    ``(final latents, images)``."""
+def grid_sample(policy, prompts: list[str], sigmas: list[float], guidance: float, *, batch: int = 128,
+                noise: torch.Tensor | None = None):
+    """Euler ODE through the σ grid ``sigmas`` (from 1 to 0) from the rollouts' initial noise
+    (``noise`` if given): ``(final latents, images)``."""
     from diffalign.sampling.steps import ode_step
 
     if sigmas[0] != 1.0 or sigmas[-1] != 0.0 or any(b >= a for a, b in itertools.pairwise(sigmas)):
         raise ValueError(f"a σ grid must fall strictly from 1 to 0; got {sigmas}")
-    x_all = initial_noise_of_rollouts(policy, len(prompts))
+    x_all = initial_noise_of_rollouts(policy, len(prompts)) if noise is None else noise
     lat, img = [], []
     for i in range(0, len(prompts), batch):
         x, cond = x_all[i:i + batch], policy.encode(prompts[i:i + batch])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import time
 from pathlib import Path
 
@@ -89,10 +88,10 @@ def load_policy_for_eval(target: str | Path | None) -> tuple[TinyFlowPolicy, str
     if not path.exists():
         raise DiffalignError(f"{path}: no such checkpoint file or run directory")
     if path.is_dir():
-        m = re.fullmatch(r"step_(\d{7,})", path.name)
-        if m and path.parent.name == "checkpoints":  # <run>/checkpoints/step_N: that step of the run
-            return _load_run(path.parent.parent, int(m.group(1)))
-        return _load_run(path)
+        from diffalign.training.rundir import checkpoint_dir_step
+
+        step = checkpoint_dir_step(path)  # <run>/checkpoints/step_N: that step of the run
+        return _load_run(path) if step is None else _load_run(path.parent.parent, step)
     return TinyFlowPolicy.from_checkpoint(path), str(path)
 
 

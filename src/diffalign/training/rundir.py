@@ -42,6 +42,7 @@ __all__ = [
     "MetricsLogger",
     "RunDir",
     "capture_rng",
+    "checkpoint_dir_step",
     "generator_state",
     "latest_step",
     "list_checkpoints",
@@ -364,6 +365,13 @@ def _prune(ckdir: Path, keep: int, current: int, keep_every: int = 0) -> None:
         if keep_every and s % keep_every == 0:
             continue
         shutil.rmtree(ckdir / _ckpt_name(s), ignore_errors=True)
+
+
+def checkpoint_dir_step(path: str | Path) -> int | None:
+    """The step of a ``<run>/checkpoints/step_NNNNNNN`` directory; None for any other path."""
+    path = Path(path)
+    m = _CKPT_RE.match(path.name)
+    return int(m.group(1)) if m and path.parent.name == "checkpoints" else None
 
 
 def latest_step(rundir: RunDir | str | Path) -> int | None:
