@@ -206,8 +206,8 @@ def test_client_does_not_retry_requests_the_server_rejects(server):
     t0 = time.monotonic()
     with pytest.raises(RewardError, match="HTTP 413.*limit is 16"):
         RemoteReward(server, max_images_per_request=32)(u8_images(17, 8, 0), ["a red circle"] * 17, [{}] * 17)
-    # a prompt the reward itself rejects: the server answers 500 naming the reward; no retry
-    with pytest.raises(RewardError, match=r"HTTP 500: reward 'multi.*part 'verifier'.*PromptError"):
+    # a prompt the reward itself rejects: the server answers 422 naming the reward and the prompt error; no retry
+    with pytest.raises(RewardError, match=r"HTTP 422: reward 'multi.*part 'verifier'.*PromptError"):
         checked_call(client, u8_images(1, 32, 0), ["hello world"], [{}])
     assert client.attempts == 1 and time.monotonic() - t0 < 20
     with pytest.raises(RewardError, match="serves 'multi"):
@@ -228,7 +228,7 @@ def test_a_failing_request_does_not_fail_the_requests_batched_with_it(server):
     for t in threads:
         t.join(60)
     assert out["good1"][0] == 200 and out["good2"][0] == 200 and len(out["good1"][1]["scores"]) == 2
-    assert out["bad"][0] == 500 and "PromptError" in out["bad"][1]["error"]
+    assert out["bad"][0] == 422 and "PromptError" in out["bad"][1]["error"]
 
 
 def test_killed_server_client_retries_then_fails_clearly_and_recovers_on_restart():

@@ -16,8 +16,9 @@ JSON (syntax, text encoding, nesting too deep to parse); 404 / 405 unknown path 
 fields missing, of the wrong type or length, an image that is not a readable PNG, or images of a
 size the reward does not take (its declared ``input_sizes``, checked before queueing); 413 body
 larger than ``max_request_mb`` or more than ``max_images_per_request`` images; 503 queue full
-(retry later); 504 not scored within ``request_timeout_s``; 500 the reward itself failed (the
-message names it), or a server bug (logged). A failing batch of several requests is retried one
+(retry later); 504 not scored within ``request_timeout_s``; 422 as well when the reward rejects
+a request's input while scoring it (a prompt it cannot parse, an image it cannot read); 500 the
+reward itself failed (the message names it), or a server bug (logged). A failing batch of several requests is retried one
 request at a time, so one bad request cannot fail its neighbours. ``/health`` counts every
 answer by status (``responses``) and every 4xx / 5xx in ``errors``.
 """
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from diffalign.config import check_ranges, ranged
+from diffalign.errors import PromptError
 from diffalign.rewards.base import Reward, RewardInputError, check_input, checked_call, input_sizes
 from diffalign.rewards.remote import decode_image, images_to_tensor
 
@@ -140,7 +142,7 @@ class Batcher:
             self.stats["reward_failures"] += 1
             if not jobs[0].future.done():
                 name = getattr(self.reward, "name", type(self.reward).__name__)
-                status = 422 if isinstance(e, RewardInputError) else 500  # the images, not the reward
+                status = 422 if _input_fault(e) else 500  # the request's images or prompts, not the reward
                 jobs[0].future.set_exception(_HTTPError(status, f"reward {name!r} failed: {type(e).__name__}: {e}"))
             return
         finally:
@@ -174,6 +176,18 @@ class Batcher:
                     for j in group:
                         if not j.future.done():
                             j.future.set_exception(_HTTPError(500, f"{type(e).__name__}: {e}"))
+
+
+def _input_fault(e: BaseException) -> bool:
+    """Whether ``e``, or an exception it was raised from, blames the request's input (its images or
+    prompts: :class:`RewardInputError`, :class:`PromptError`) rather than the reward."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (RewardInputError, PromptError)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _short(e: BaseException, limit: int = 200) -> str:
