@@ -179,14 +179,14 @@ class Batcher:
 
 
 def _input_fault(e: BaseException) -> bool:
-    """Whether ``e``, or an exception it was raised from, blames the request's input (its images or
-    prompts: :class:`RewardInputError`, :class:`PromptError`) rather than the reward."""
+    """Whether ``e``, or an exception it was raised from (``raise ... from``), blames the request's
+    input (its images or prompts: :class:`RewardInputError`, :class:`PromptError`) rather than the reward."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, (RewardInputError, PromptError)):
             return True
         seen.add(id(e))
-        e = e.__cause__ or e.__context__
+        e = e.__cause__
     return False
 
 
