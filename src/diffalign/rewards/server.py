@@ -18,8 +18,8 @@ size the reward does not take (its declared ``input_sizes``, checked before queu
 larger than ``max_request_mb`` or more than ``max_images_per_request`` images; 503 queue full
 (retry later); 504 not scored within ``request_timeout_s``; 422 as well when the reward rejects
 a request's input while scoring it (a prompt it cannot parse, an image it cannot read); 500 the
-reward itself failed (the message names it), or a server bug (logged). A failing batch of several requests is retried one
-request at a time, so one bad request cannot fail its neighbours. ``/health`` counts every
+reward itself failed (the message names it), or a server bug (logged). A failing batch of
+several requests is retried one request at a time, so one bad request cannot fail its neighbours. ``/health`` counts every
 answer by status (``responses``) and every 4xx / 5xx in ``errors``.
 """
 
