@@ -70,6 +70,18 @@ def test_eval_scores_everything_and_is_deterministic(runs, tmp_path):
     assert json.loads((tmp_path / "e1" / "eval.json").read_text())["images_per_prompt"] == 2
 
 
+def test_eval_on_chosen_task_types(runs, tmp_path, capsys):
+    rep = evaluate(runs[0], tmp_path / "et", num_images=4, steps=1, splits=("test",), use_proxy=False,
+                   tasks=("position", "color_attr"))
+    t = rep["splits"]["test"]
+    assert rep["tasks"] == ["position", "color_attr"]
+    assert {k for k in t if k.startswith("score/")} == {"score/position", "score/color_attr"}
+    assert "task types: position, color_attr" in (tmp_path / "et" / "eval.md").read_text()
+    assert main(["eval", str(runs[0]), "--out", str(tmp_path / "o"), "--tasks", "position,colour",
+                 "--num-images", "2", "--steps", "1", "--no-proxy"]) == 2
+    assert "unknown task type(s) ['colour']" in capsys.readouterr().err
+
+
 def test_diversity_of_identical_and_different_images():
     prompts = ["a red circle"] * 2 + ["a blue square"] * 2
     imgs = render_batch(prompts, [0, 0, 1, 2])

@@ -65,6 +65,36 @@ def test_prompt_draw_follows_task_probabilities():
     assert abs(np.mean([k == "counting" for k in kinds]) - 0.5) < 0.04
 
 
+def test_task_weights_set_the_training_prompt_mix():
+    split = prompt_splits()["train"]
+    cfg = _cfg("prompts_per_epoch=3000", "task_weights={position: 3, color_attr: 1}")
+    cfg.validate()
+    prompts, _, kinds = sample_prompts_with_tasks(cfg, 0)
+    assert set(kinds) == {"position", "color_attr"}
+    assert all(prompts[2 * g] in split[k] for g, k in enumerate(kinds))
+    assert abs(np.mean([k == "position" for k in kinds]) - 0.75) < 0.03
+    # with a curriculum the weights scale its probabilities: a task the curriculum starves stays out
+    probs = {t: (0.0 if t == "position" else 1.0) for t in TASKS if split[t]}
+    _, _, kinds = sample_prompts_with_tasks(cfg, 0, probs)
+    assert set(kinds) == {"color_attr"}
+    # without task_weights the draw is the one it always was (older runs reproduce)
+    assert sample_prompts_with_tasks(_cfg(), 5)[0] == sample_prompts_with_tasks(_cfg("task_weights=null"), 5)[0]
+
+
+@pytest.mark.parametrize("weights, match", [
+    ("{posit: 1}", "unknown task type"),
+    ("{position: -1}", "finite and >= 0"),
+    ("{position: 0, color_attr: 0}", "no weight to a task type"),
+    ("{}", "must be a mapping"),
+    ("{position: lots}", "must be numbers"),
+])
+def test_bad_task_weights_are_rejected(weights, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(f"task_weights={weights}").validate()
+    with pytest.raises(ConfigError, match="cannot be combined with prompt_file"):
+        _cfg("task_weights={position: 1}", "prompt_file=prompts.txt").validate()
+
+
 def test_bad_curriculum_settings_are_rejected():
     with pytest.raises(ConfigError, match="task_sampling must be"):
         _cfg("task_sampling=hard").validate()
@@ -94,6 +124,27 @@ def test_adaptive_run_logs_probabilities(tmp_path):
         assert len(probs) == len([t for t in TASKS if prompt_splits()["train"][t]])
         assert sum(probs.values()) == pytest.approx(1.0)
         assert max(probs.values()) > min(probs.values())  # JPEG sizes differ by task: not uniform
+
+
+def test_focused_run_trains_and_evaluates_the_chosen_task_types(tmp_path):
+    """task_weights + a per-task strict reward + eval.tasks: the run's prompts, rewards and
+    periodic evaluations are of position / colour binding only."""
+    model = str(save_unet(tmp_path / "tiny.safetensors", tiny_unet(0), 32))
+    cfg = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
+        f"model={model}", "lora_rank=0", "epochs=2", "prompts_per_epoch=4", "group_size=2", "rollout.steps=2",
+        "rollout.sde_window=null", "eval.num_images=4", "eval.steps=1", "eval.every=1", "grpo.minibatch_size=8",
+        "task_weights={position: 1, color_attr: 1}", "eval.tasks=[position, color_attr]",
+        "reward_kwargs={mode: partial, task_modes: {position: score}}"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    for e in range(2):
+        assert {k for k in trainer.epoch_prompts(e).kinds} <= {"position", "color_attr"}
+    trainer.train()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    evals = [r for r in rows if any(k.startswith("eval/score/") for k in r)]
+    assert len(evals) >= 2
+    for r in evals:
+        assert {k for k in r if k.startswith("eval/score/")} == {"eval/score/position", "eval/score/color_attr"}
+    assert trainer.reward.name == "shapes_verifier[partial,position=score]"
 
 
 @register_reward("test_jpeg_then_crash")

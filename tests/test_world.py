@@ -92,6 +92,39 @@ def test_eval_prompts_balanced_and_deterministic():
     assert set(counts.values()) == {10}
 
 
+def test_eval_prompts_restricted_to_task_types():
+    ps = eval_prompts("test", 40, seed=3, tasks=("position", "color_attr"))
+    assert ps == eval_prompts("test", 40, seed=3, tasks=("color_attr", "position"))  # order of the names is moot
+    counts = {t: sum(parse_prompt(p).task == t for p in ps) for t in TASKS}
+    assert counts["position"] == counts["color_attr"] == 20 and sum(counts.values()) == 40
+    with pytest.raises(PromptError, match="unknown task type"):
+        eval_prompts("test", 4, tasks=("positon",))
+    with pytest.raises(PromptError, match="unknown task type"):
+        eval_prompts("test", 4, tasks=())
+
+
+def test_verifier_reward_task_modes_pay_strict_on_named_tasks_only():
+    from diffalign.errors import ConfigError
+    from diffalign.rewards import build_reward
+
+    prompts = ["a red circle below a purple square", "a yellow square and a purple circle", "three green triangles"]
+    # drawn for other prompts: the relation inverted, the colours swapped, one triangle short
+    images = render_batch(["a red circle above a purple square", "a yellow circle and a purple square",
+                           "two green triangles"], [0, 1, 2])
+    mixed = build_reward("shapes_verifier", mode="partial", task_modes={"position": "score"})
+    out = mixed(images, prompts, [{}] * 3)
+    partial, strict = out.details["partial"], out.details["score"]
+    assert strict.tolist() == [0.0, 0.0, 0.0]
+    # position: objects and no_extra hold, the relation does not: partial 3/4, paid the strict 0
+    assert partial[0].item() == pytest.approx(0.75) and out.scores[0].item() == 0.0
+    assert out.scores[1:].tolist() == partial[1:].tolist() and partial[1].item() > 0
+    assert mixed.name == "shapes_verifier[partial,position=score]"
+    with pytest.raises(ConfigError, match="unknown task type"):
+        build_reward("shapes_verifier", task_modes={"positions": "score"})
+    with pytest.raises(ConfigError, match="partial, graded or score"):
+        build_reward("shapes_verifier", task_modes={"position": "strict"})
+
+
 def test_render_is_deterministic_and_objects_do_not_overlap():
     for i, p in enumerate(eval_prompts("train", 120, seed=1)):
         a, objs = render(p, i)

@@ -141,7 +141,8 @@ def _cmd_eval(args) -> int:
         raise DiffalignError(f"{target}: no such checkpoint file or run directory")
     rep = evaluate(target, args.out, num_images=args.num_images, steps=args.steps, guidance_scale=args.cfg,
                    splits=tuple(args.splits.split(",")), images_per_prompt=args.images_per_prompt,
-                   prompt_seed=args.prompt_seed, image_seed=args.image_seed, use_proxy=not args.no_proxy)
+                   prompt_seed=args.prompt_seed, image_seed=args.image_seed, use_proxy=not args.no_proxy,
+                   tasks=tuple(args.tasks.split(",")) if args.tasks else None)
     print((Path(args.out) / "eval.md").read_text())
     print(f"wrote {args.out}/eval.json, eval.md and grids ({rep['model']})")
     return 0
@@ -284,6 +285,8 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the task-balanced prompt draw")
     p.add_argument("--image-seed", type=int, default=0, help="image i uses seed image_seed + i")
     p.add_argument("--no-proxy", action="store_true", help="skip the ShapesScore proxy reward")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated task types to evaluate (e.g. position,color_attr; default: all six)")
     p.set_defaults(func=_cmd_eval)
 
 

@@ -31,12 +31,14 @@ def verdict_stats(prompts: list[str], verdicts: list) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate_policy(policy, split: str = "test", num_images: int = 64, *, steps: int = 20,
-                    guidance_scale: float = 4.5, prompt_seed: int = 0, image_seed: int = 0, batch_size: int = 64):
-    """Generate ``num_images`` task-balanced prompts of ``split`` (fixed seeds) and judge them.
+                    guidance_scale: float = 4.5, prompt_seed: int = 0, image_seed: int = 0, batch_size: int = 64,
+                    tasks=None):
+    """Generate ``num_images`` task-balanced prompts of ``split`` (of task types ``tasks`` only,
+    when given; fixed seeds) and judge them.
 
     Returns ``(metrics, images, prompts, verdicts)``; metrics include the verifier figures
     (see :func:`verdict_stats`) and the low-level hallucination metrics (``lowlevel/*``)."""
-    prompts = eval_prompts(split, num_images, seed=prompt_seed)
+    prompts = eval_prompts(split, num_images, seed=prompt_seed, tasks=tasks)
     seeds = [image_seed + i for i in range(num_images)]
     images = generate(policy, prompts, seeds, steps=steps, cfg=guidance_scale, batch_size=batch_size)
     verdicts = verify_batch(images, prompts)

@@ -162,11 +162,12 @@ def proxy_stats(proxy, images: torch.Tensor, prompts: list[str], verdicts: list,
 
 def evaluate(target, out_dir: str | Path, *, num_images: int = 512, steps: int = 20, guidance_scale: float = 4.5,
              splits: tuple[str, ...] = ("test", "ood"), prompt_seed: int = 0, image_seed: int = 0,
-             images_per_prompt: int = 1, use_proxy: bool = True, batch_size: int = 64) -> dict:
+             images_per_prompt: int = 1, use_proxy: bool = True, batch_size: int = 64,
+             tasks: tuple[str, ...] | None = None) -> dict:
     """Evaluate ``target`` (see :func:`load_policy_for_eval`) and write eval.json / eval.md / grids.
 
     ``num_images`` images per split: ``num_images // images_per_prompt`` task-balanced prompts,
-    each ``images_per_prompt`` times."""
+    each ``images_per_prompt`` times; ``tasks``: only these task types (None = all six)."""
     if num_images <= 0 or steps <= 0:
         raise DiffalignError("--num-images and --steps must be positive")
     if images_per_prompt < 1 or num_images % images_per_prompt:
@@ -175,6 +176,8 @@ def evaluate(target, out_dir: str | Path, *, num_images: int = 512, steps: int =
     bad = [s for s in splits if s not in ("train", "test", "ood")]
     if bad or not splits:
         raise DiffalignError(f"unknown split(s) {bad or splits}; choose from train, test, ood")
+    for split in splits:  # bad task names fail here, before the model loads
+        eval_prompts(split, 1, seed=prompt_seed, tasks=tasks)
     policy, label = load_policy_for_eval(target)
     policy.eval()
     proxy, proxy_missing = _proxy() if use_proxy else (None, "disabled (--no-proxy)")
@@ -182,11 +185,11 @@ def evaluate(target, out_dir: str | Path, *, num_images: int = 512, steps: int =
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"model": label, "num_images": num_images, "images_per_prompt": images_per_prompt,
                     "steps": steps, "guidance_scale": guidance_scale, "prompt_seed": prompt_seed,
-                    "image_seed": image_seed, "proxy": proxy.info.get("heldout_pair_accuracy") if proxy else None,
+                    "image_seed": image_seed, "tasks": list(tasks) if tasks else None, "proxy": proxy.info.get("heldout_pair_accuracy") if proxy else None,
                     "proxy_unavailable": proxy_missing, "splits": {}}
     for split in splits:
         t0 = time.perf_counter()
-        base = eval_prompts(split, num_images // images_per_prompt, seed=prompt_seed)
+        base = eval_prompts(split, num_images // images_per_prompt, seed=prompt_seed, tasks=tasks)
         prompts = [p for p in base for _ in range(images_per_prompt)]
         seeds = [image_seed + i for i in range(num_images)]
         with torch.no_grad():
@@ -224,7 +227,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Evaluation: {report['model']}", "",
              f"{report['num_images']} images per split ({k} per prompt), {report['steps']} Euler steps, "
              f"CFG {report['guidance_scale']}, prompt seed {report['prompt_seed']}, image seeds "
-             f"{report['image_seed']}…", "",
+             f"{report['image_seed']}…" + (f"; task types: {', '.join(report['tasks'])}" if report.get("tasks") else ""),
+             "",
              "| metric | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
     keys = ["score", "partial"] + [f"score/{t}" for t in TASKS] + [
         "hallucinated", "misattributed", "missing", "high_level_hallucination",

@@ -125,13 +125,14 @@ def restore_checkpoint(run: RunDir, policy, optimizer, load_extra: Callable[[dic
 
 @torch.no_grad()
 def evaluate_to_grid(policy, run: RunDir, tag: str, split: str, num_images: int, *, steps: int,
-                     guidance_scale: float) -> dict:
-    """Verifier metrics of ``num_images`` deterministic samples on ``split``'s prompts; the first
-    64 go to ``samples/<tag>.png`` with their prompts and a mark on each correct one."""
+                     guidance_scale: float, tasks=None) -> dict:
+    """Verifier metrics of ``num_images`` deterministic samples on ``split``'s prompts (of task
+    types ``tasks`` only, when given); the first 64 go to ``samples/<tag>.png`` with their prompts
+    and a mark on each correct one."""
     from diffalign.evaluation.quick import evaluate_policy
 
     res, images, prompts, verdicts = evaluate_policy(policy, split, num_images, steps=steps,
-                                                     guidance_scale=guidance_scale)
+                                                     guidance_scale=guidance_scale, tasks=tasks)
     save_grid(images[:64], run.samples_dir / f"{tag}.png", ncol=8, captions=prompts[:64],
               marks=[v.score == 1.0 for v in verdicts[:64]])
     return res

@@ -41,7 +41,7 @@ from diffalign.distributed import (
     run_on_main,
     shard_groups,
 )
-from diffalign.errors import ConfigError
+from diffalign.errors import ConfigError, PromptError
 from diffalign.evaluation.grid import save_grid
 from diffalign.models.factory import FAMILIES, ModelOptions, build_policy
 from diffalign.rewards import build_reward, checked_call
@@ -51,7 +51,7 @@ from diffalign.sharding import SHARDING_MODES, make_optimizer
 from diffalign.training import loop
 from diffalign.training.prompts import sample_file_prompts
 from diffalign.training.rundir import MetricsLogger, save_checkpoint
-from diffalign.world.grammar import TASKS, prompt_splits
+from diffalign.world.grammar import TASKS, eval_prompts, prompt_splits
 
 
 @dataclass
@@ -70,6 +70,8 @@ class EvalConfig:
     """CFG weight at evaluation."""
     use_ema: bool = True
     """Evaluate the EMA weights (if ema_decay > 0) rather than the raw policy."""
+    tasks: list[str] | None = None
+    """Evaluate only these ShapesWorld task types, e.g. ``[position, color_attr]`` (None = all six)."""
 
 
 @dataclass
@@ -142,6 +144,11 @@ class TrainConfig:
     (probability ∝ a running mean of the task's within-group reward std, i.e. how much GRPO
     signal its groups still carry; tasks the policy always passes or always fails are drawn
     less). Ignored with ``prompt_file``."""
+    task_weights: dict | None = None
+    """ShapesWorld training-prompt mix: task type → relative weight (task types left out get
+    none), e.g. ``{position: 1, color_attr: 1}`` to train on the two compositional tasks only.
+    None = every task type of ``prompt_split`` equally. With ``task_sampling: adaptive`` the
+    weights scale the curriculum's probabilities."""
     task_sampling_floor: float = ranged(0.3, ge=0, le=1)
     """``adaptive``: this share of the draws stays uniform over tasks (0–1), so no task is forgotten."""
     task_sampling_decay: float = ranged(0.7, ge=0, lt=1)
@@ -196,6 +203,36 @@ class TrainConfig:
             raise ConfigError(f"task_sampling must be uniform or adaptive, got {self.task_sampling!r}")
         if not (0 <= self.task_sampling_floor <= 1 and 0 <= self.task_sampling_decay < 1):
             raise ConfigError("task_sampling_floor must be in [0, 1] and task_sampling_decay in [0, 1)")
+        if self.task_weights is not None:
+            self._check_task_weights()
+        if self.eval.tasks is not None:
+            try:
+                eval_prompts(self.eval.split, 1, tasks=self.eval.tasks)
+            except PromptError as e:
+                raise ConfigError(f"eval.tasks: {e}") from None
+
+    def _check_task_weights(self) -> None:
+        w = self.task_weights
+        if self.prompt_file is not None:
+            raise ConfigError("task_weights picks ShapesWorld task types; it cannot be combined with prompt_file "
+                              "(write the mix you want into the prompt file instead)")
+        if not isinstance(w, dict) or not w:
+            raise ConfigError(f"task_weights must be a mapping task type -> weight, e.g. "
+                              f"{{position: 1, color_attr: 1}}; got {w!r}")
+        unknown = sorted(set(w) - set(TASKS))
+        if unknown:
+            raise ConfigError(f"task_weights: unknown task type(s) {unknown}; choose from {', '.join(TASKS)}")
+        try:
+            vals = {t: float(v) for t, v in w.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"task_weights: weights must be numbers, got {w!r}") from None
+        if any(not math.isfinite(v) or v < 0 for v in vals.values()):
+            raise ConfigError(f"task_weights: weights must be finite and >= 0, got {w!r}")
+        split = prompt_splits()[self.prompt_split]
+        if sum(v for t, v in vals.items() if split[t]) <= 0:
+            raise ConfigError(f"task_weights {w!r} give no weight to a task type with prompts in split "
+                              f"{self.prompt_split!r} (its task types: {', '.join(t for t in TASKS if split[t])})")
+        self.task_weights = vals
 
 
 ALGORITHMS = {"flow_grpo", "dance_grpo", "ddpo", "consistent_rft", "crd", "diffusion_nft"}
@@ -236,7 +273,8 @@ def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
 def sample_prompts(cfg: TrainConfig, epoch: int, task_probs: dict[str, float] | None = None,
                    ) -> tuple[list[str], torch.Tensor]:
     """Group-contiguous prompts for one epoch: ``prompts_per_epoch`` prompts × K, each prompt's
-    task drawn uniformly or from ``task_probs`` (uniform draws from ``prompt_file`` when one is set)."""
+    task drawn uniformly, or in proportion to ``cfg.task_weights`` and / or ``task_probs`` (uniform
+    draws from ``prompt_file`` when one is set)."""
     prompts, group_ids, _ = sample_prompts_with_tasks(cfg, epoch, task_probs)
     return prompts, group_ids
 
@@ -251,6 +289,11 @@ def sample_prompts_with_tasks(cfg: TrainConfig, epoch: int, task_probs: dict[str
     split = prompt_splits()[cfg.prompt_split]
     tasks = [t for t in TASKS if split[t]]
     probs = None if task_probs is None else np.array([task_probs[t] for t in tasks], dtype=np.float64)
+    if cfg.task_weights is not None:
+        w = np.array([cfg.task_weights.get(t, 0.0) for t in tasks], dtype=np.float64)
+        probs = w if probs is None else probs * w
+        if probs.sum() <= 0:  # the curriculum gave every weighted task zero probability: weights alone
+            probs = w
     chosen, kinds = [], []
     for _ in range(cfg.prompts_per_epoch):
         if probs is None:
@@ -499,7 +542,7 @@ class Trainer:
             return res
         with ctx:
             return loop.evaluate_to_grid(self.policy, self.run, tag, e.split, num_images or e.num_images,
-                                         steps=e.steps, guidance_scale=e.guidance_scale)
+                                         steps=e.steps, guidance_scale=e.guidance_scale, tasks=e.tasks)
 
     def _log_granularity(self, epoch: int, prompts: list[str], group_ids: torch.Tensor, shared: torch.Tensor) -> None:
         """``granularity.jsonl``: which groups were fine (shared noise) or coarse, per epoch (rank 0)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -225,8 +226,9 @@ def prompt_splits(seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION) 
     return splits
 
 
-def eval_prompts(split: str, n: int, seed: int = 0) -> list[str]:
-    """``n`` prompts from ``split`` balanced over the task types that have prompts there.
+def eval_prompts(split: str, n: int, seed: int = 0, tasks: Sequence[str] | None = None) -> list[str]:
+    """``n`` prompts from ``split`` balanced over the task types that have prompts there
+    (only those in ``tasks`` when given, e.g. ``("position", "color_attr")``).
 
     Deterministic given ``seed``: task types are cycled in order and prompts are drawn
     round-robin from each task's shuffled list.
@@ -234,7 +236,14 @@ def eval_prompts(split: str, n: int, seed: int = 0) -> list[str]:
     splits = prompt_splits()
     if split not in splits:
         raise PromptError(f"unknown prompt split {split!r}; choose train, test or ood")
-    tasks = [t for t in TASKS if splits[split][t]]
+    if tasks is not None:
+        unknown = sorted(set(tasks) - set(TASKS))
+        if unknown or not tasks:
+            raise PromptError(f"unknown task type(s) {unknown or list(tasks)}; choose from {', '.join(TASKS)}")
+        empty = [t for t in tasks if not splits[split][t]]
+        if empty:
+            raise PromptError(f"split {split!r} has no prompts of task type(s) {empty}")
+    tasks = [t for t in TASKS if splits[split][t] and (tasks is None or t in tasks)]
     rng = random.Random(seed)
     pools = {t: rng.sample(splits[split][t], len(splits[split][t])) for t in tasks}
     return [pools[tasks[i % len(tasks)]][(i // len(tasks)) % len(pools[tasks[i % len(tasks)]])] for i in range(n)]
