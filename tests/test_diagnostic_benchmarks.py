@@ -318,3 +318,40 @@ def test_matched_reward_picks_the_kept_checkpoint_nearest_a_common_reward(tmp_pa
     assert json.loads(summary.read_text())["toy"] == out
     with pytest.raises(SystemExit, match="named <method>-seed"):
         bench.main([str(tmp_path)])
+
+
+def test_constraint_signal_known_answer_on_renders():
+    """A position group of two correct renders and two with the relation inverted, scored with
+    the partial reward: the groups vary on the relation only and the advantage points exactly at
+    the passing images; a colour-binding group that always swaps colours carries no signal."""
+    import numpy as np
+
+    from diffalign.world.render import render_batch
+    from diffalign.world.verify import verify_batch
+
+    bench = load_benchmark("constraint_signal")
+    want, flipped = "a red circle below a purple square", "a red circle above a purple square"
+    images = render_batch([want, want, flipped, flipped], [0, 1, 2, 3])
+    verdicts = verify_batch(images, [want] * 4)
+    partial = np.array([v.partial for v in verdicts])
+    assert partial.tolist() == [1.0, 1.0, 0.75, 0.75]
+    r = bench.task_signal(partial, verdicts, group_size=4)
+    assert r["score"] == 0.5 and r["strict_groups"] == 1.0
+    assert r["align_strict"] == pytest.approx(1.0) and r["align/relation"] == pytest.approx(1.0)
+    assert r["vary/object"] == 0.0 and r["align/object"] is None and r["relation_given_objects"] == 0.5
+    swap = "a yellow square and a purple circle"
+    images = render_batch(["a yellow circle and a purple square"] * 4, [4, 5, 6, 7])
+    verdicts = verify_batch(images, [swap] * 4)
+    r = bench.task_signal(np.array([v.partial for v in verdicts]), verdicts, group_size=4)
+    assert r["score"] == 0.0 and r["strict_groups"] == 0.0 and r["std_reward"] == 0.0
+    assert r["align_strict"] is None and "relation_given_objects" not in r and "align/relation" not in r
+
+
+def test_constraint_signal_runs_the_preset_rollout(tmp_path, tiny_model):
+    out = load_benchmark("constraint_signal").main([
+        "--tasks", "position,color_attr", "--groups", "2", "--threads", "1", "--policy", tiny_model,
+        "--set", "rollout.steps=2", "--set", "rollout.sde_window=[0,1]", "--set", "group_size=3",
+        "--json", str(tmp_path / "c.json")])
+    assert set(out["tasks"]) == {"position", "color_attr"} and out["images"] == 12
+    assert out["tasks"]["position"]["groups"] == 2 and "align/relation" in out["tasks"]["position"]
+    assert json.loads((tmp_path / "c.json").read_text())["reward"] == "shapes_verifier[partial]"
