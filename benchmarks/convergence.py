@@ -296,10 +296,11 @@ def hallucination_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(path: str, result: dict, minutes: float, eval_images: int) -> None:
-    """One ``<preset>_test`` entry per preset in the summary JSON at ``path``: the base model's and
+def write_summary(path: str, result: dict, minutes: float, eval_images: int, suffix: str = "_test") -> None:
+    """One ``<preset><suffix>`` entry per preset in the summary JSON at ``path``: the base model's and
     every seed's final verifier score on the test split (each at the run's own evaluation CFG),
-    the out-of-domain scores, the high-level hallucination and the training budget."""
+    the out-of-domain scores, the high-level hallucination, the ShapesScore proxy's score and the
+    training budget."""
     from _json_out import merge_summary
 
     for name, p in result["presets"].items():
@@ -308,13 +309,14 @@ def write_summary(path: str, result: dict, minutes: float, eval_images: int) -> 
             continue
         g = runs[0]["figures"].get("eval_guidance")
         base = result.get("base", {}).get(f"{g:g}" if g is not None else "", {})
-        merge_summary(path, f"{name}_test", {
+        merge_summary(path, f"{name}{suffix}", {
             "base": base.get("test_score"), "final": [r["figures"]["test_score"] for r in runs],
             "seeds": [r["seed"] for r in runs], "minutes": minutes,
             "train_minutes": [r["figures"].get("train_minutes") for r in runs], "eval_images": eval_images,
             "eval_guidance": g, "base_ood": base.get("ood_score"), "final_ood": [r["figures"]["ood_score"] for r in runs],
             "base_high_level_hallucination": base.get("high_level_hallucination"),
             "final_high_level_hallucination": [r["figures"]["high_level_hallucination"] for r in runs],
+            "base_proxy": base.get("proxy_score"), "final_proxy": [r["figures"].get("proxy_score") for r in runs],
             "train_reward": runs[0]["figures"].get("train_reward"), "overrides": result["settings"]["overrides"]})
 
 
@@ -339,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--summary", default=None,
                     help="summary JSON to update (e.g. docs/results/learning.json): one '<preset>_test' entry per "
                          "preset with the base and per-seed final test scores (needs --base)")
+    ap.add_argument("--summary-suffix", default="_test",
+                    help="the summary entries' names are <preset><suffix> (e.g. _proxy for a study on another reward)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep finished runs (summary.json + eval.json with the same settings) instead of rerunning")
     ap.add_argument("--gather", action="store_true",
@@ -443,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
             warnings.simplefilter("ignore")  # presets differ by design
             compare(done_dirs, out / "compare")
     if args.summary:
-        write_summary(args.summary, result, args.minutes, args.eval_images)
+        write_summary(args.summary, result, args.minutes, args.eval_images, args.summary_suffix)
     table = markdown(result) + "\n" + hallucination_markdown(result)
     (out / "convergence.json").write_text(json.dumps(result, indent=2))
     (out / "convergence.md").write_text(table)

@@ -94,12 +94,16 @@ def main(argv: list[str] | None = None) -> dict:
                                                           generator=torch.Generator().manual_seed(777))
         verdicts = verify_batch(traj.images, prompts)
         st = verdict_stats(prompts, verdicts)
-        per = [sum(v.score for v in verdicts[i * args.images:(i + 1) * args.images]) / args.images
-               for i in range(len(pool))]
+        def per_prompt(attr: str) -> list[float]:
+            return [sum(getattr(v, attr) for v in verdicts[i * args.images:(i + 1) * args.images]) / args.images
+                    for i in range(len(pool))]
+
+        per = per_prompt("score")
         row = {"epoch": epoch, "rollout_images": epoch * images_per_epoch, "train_s": round(trainer.train_time, 1),
                "score": st["score"], "partial": st["partial"],
                "graded": sum(v.graded for v in verdicts) / len(verdicts),
-               "brightness": float(traj.images.mean()), "per_prompt_score": per}
+               "brightness": float(traj.images.mean()), "per_prompt_score": per,
+               "per_prompt_partial": per_prompt("partial")}
         if seen_traj is not None:
             row["seen_score"] = score_of(seen_traj, seen.prompts)
         rows.append(row)

@@ -51,6 +51,9 @@ def test_convergence_tiny_budget(tmp_path, tiny_model, capsys):
     entry = entry["flow_grpo_test"]
     assert entry["final"] == [agg["test_score"]["mean"]] and entry["seeds"] == [0] and entry["eval_images"] == 4
     assert entry["base"] == again["base"]["4.5"]["test_score"] and entry["minutes"] == 5
+    assert len(entry["final_proxy"]) == 1 and "base_proxy" in entry
+    bench.main(args + ["--reuse", "--base", "--summary", str(summary), "--summary-suffix", "_proxy", "--no-compare"])
+    assert json.loads(summary.read_text())["flow_grpo_proxy"]["final"] == entry["final"]  # another entry name
     assert run["ok"] and run.get("reused") and ev_file.stat().st_mtime_ns == stamp
     assert again["presets"]["flow_grpo"]["aggregate"]["test_score"] == agg["test_score"]
     base = again["base"]["4.5"]

@@ -36,7 +36,8 @@ def test_fixed_prompts_brightness_control_moves_brightness(tmp_path, tiny_model)
     assert [r["rollout_images"] for r in rows] == [0, 32, 64] and rows[1]["train_s"] <= rows[2]["train_s"]
     summary = json.loads((tmp_path / "learning.json").read_text())["fixed"]["bright"]
     assert summary["base"] == rows[0]["score"] and summary["final"] == rows[-1]["score"] and summary["images"] == 64
-    assert all(len(r["per_prompt_score"]) == 2 and 0 <= r["graded"] <= 1 for r in rows)
+    assert all(len(r["per_prompt_score"]) == len(r["per_prompt_partial"]) == 2 and 0 <= r["graded"] <= 1 for r in rows)
+    assert all(s <= p for r in rows for s, p in zip(r["per_prompt_score"], r["per_prompt_partial"], strict=True))
     assert rows[-1]["brightness"] > rows[0]["brightness"] + 0.02  # the control reward is climbed
 
 
