@@ -56,13 +56,26 @@ def configure(cfg: Any) -> None:
 
 
 def open_run(run_dir: str | Path, cfg: Any, resume: bool) -> RunDir:
-    """The run directory: opened when resuming, else created with ``cfg`` as its config (rank 0)."""
+    """The run directory, locked by rank 0 for this process (:meth:`RunDir.lock`): opened when
+    resuming, else created with ``cfg`` as its config (rank 0)."""
     run = RunDir(run_dir)
     if resume:
         run.open()
-    else:
+    run_on_main(lambda: run.lock() and None)
+    if not resume:
         run_on_main(lambda: run.create(config_to_dict(cfg)) and None)
     return run
+
+
+@contextmanager
+def unlocked_on_error(run: RunDir) -> Iterator[None]:
+    """Around a trainer's setup after :func:`open_run`: a setup that fails releases the run's
+    lock, so the same process (a notebook, a test) can start it again."""
+    try:
+        yield
+    except BaseException:
+        run.unlock()
+        raise
 
 
 def open_logger(run: RunDir, resume_step: int | None) -> MetricsLogger | NoLogger:

@@ -305,25 +305,26 @@ class PreferenceTrainer:
         per_epoch = self.batches_per_epoch // cfg.grad_accum
         self.total_updates = cfg.epochs * per_epoch if cfg.max_updates is None else cfg.max_updates
         self.run = loop.open_run(run_dir, cfg, resume)
-        torch.manual_seed(cfg.seed)
-        if cfg.model_family not in FAMILIES:
-            raise ConfigError(f"unknown model_family {cfg.model_family!r}; available: {', '.join(FAMILIES)}")
-        self.policy = build_policy(cfg.model_family, cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                   image_size=None if cfg.model_family == "tiny" else self.data.image_size,
-                                   options=cfg.model_options)
-        if self.policy.prediction != "flow":
-            raise ConfigError(f"the preference losses use flow-matching errors; the {cfg.model_family} model predicts "
-                              f"{self.policy.prediction!r}: set model_options.flow_view=true")
-        if self.policy.image_size != self.data.image_size:
-            raise ConfigError(f"{cfg.data} holds {self.data.image_size}px images, the model makes "
-                              f"{self.policy.image_size}px ones")
-        self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.lr,
-                                           betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-        self.pool = ReferencePool(cfg.seppo.pool_size, keep_base=cfg.seppo.keep_base)
-        self.update, self.train_time = 0, 0.0
-        if resume:
-            self._load()
-        self.logger: MetricsLogger | loop.NoLogger = loop.open_logger(self.run, self.update if resume else None)
+        with loop.unlocked_on_error(self.run):
+            torch.manual_seed(cfg.seed)
+            if cfg.model_family not in FAMILIES:
+                raise ConfigError(f"unknown model_family {cfg.model_family!r}; available: {', '.join(FAMILIES)}")
+            self.policy = build_policy(cfg.model_family, cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                       image_size=None if cfg.model_family == "tiny" else self.data.image_size,
+                                       options=cfg.model_options)
+            if self.policy.prediction != "flow":
+                raise ConfigError(f"the preference losses use flow-matching errors; the {cfg.model_family} model predicts "
+                                  f"{self.policy.prediction!r}: set model_options.flow_view=true")
+            if self.policy.image_size != self.data.image_size:
+                raise ConfigError(f"{cfg.data} holds {self.data.image_size}px images, the model makes "
+                                  f"{self.policy.image_size}px ones")
+            self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.lr,
+                                               betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+            self.pool = ReferencePool(cfg.seppo.pool_size, keep_base=cfg.seppo.keep_base)
+            self.update, self.train_time = 0, 0.0
+            if resume:
+                self._load()
+            self.logger: MetricsLogger | loop.NoLogger = loop.open_logger(self.run, self.update if resume else None)
 
     # -- checkpoints -------------------------------------------------------------------
     def _save(self, update: int) -> None:
@@ -486,7 +487,10 @@ class PreferenceTrainer:
                                 start=self.update, total=self.total_updates, eval_every=cfg.eval.every,
                                 ckpt_every=cfg.ckpt_every, max_train_minutes=cfg.max_train_minutes,
                                 metric="loss", metric_format=".4f")
-        return self.finish(runner.run(self.logger, self.console).stopped_by_budget)
+        try:
+            return self.finish(runner.run(self.logger, self.console).stopped_by_budget)
+        finally:
+            self.run.unlock()
 
     def finish(self, stopped_early: bool = False) -> dict:
         """Final evaluation on ``eval.final_splits``, curves.png and summary.json."""

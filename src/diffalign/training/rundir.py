@@ -7,6 +7,8 @@
       metrics.jsonl               one JSON line per logged step: {"step", "wall_time", **metrics}
       tb/                         TensorBoard event files (same scalars)
       samples/                    image grids
+      .lock                       held (flock) by the process training in it, so a second one
+                                  started on the same directory stops with a clear error
       checkpoints/
         step_0000200/state.pt     torch.save of a nested dict of tensors / plain values
         step_0000400/state.pt
@@ -58,6 +60,15 @@ STATE_FILE = "state.pt"
 LATEST_FILE = "latest"
 _CKPT_RE = re.compile(r"^step_(\d{7,})$")
 _TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".lock"
+
+try:  # POSIX advisory locks; where there are none (Windows) runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - not on the platforms CI runs
+    fcntl = None  # type: ignore[assignment]
+
+# run directories this process holds the lock of: resolved path -> open lock file
+_HELD: dict[str, Any] = {}
 
 
 class RunDir:
@@ -141,6 +152,44 @@ class RunDir:
                 f"started afresh), e.g. `{how}`."
             )
         return step
+
+    def lock(self) -> RunDir:
+        """Take this run directory for this process, so that no second process trains in it.
+
+        An exclusive ``flock`` on ``.lock``, held until :meth:`unlock` or the process exits (the
+        kernel drops it then, so a killed run leaves no stale lock). Re-entrant within a
+        process. A directory another process holds raises a ConfigError naming its pid."""
+        if fcntl is None:
+            return self
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.path} is a file, not a directory; choose another output directory.")
+        key = str(self.path.resolve())
+        if key in _HELD:
+            return self
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / LOCK_FILE, "a+")  # noqa: SIM115 - kept open while the lock is held
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise ConfigError(
+                f"{self.path} is in use: another process (pid {holder}) is training in it. Wait for it to "
+                f"finish (or stop it) before resuming this run, or choose another directory with --out."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _HELD[key] = f
+        return self
+
+    def unlock(self) -> None:
+        """Release :meth:`lock` (a no-op when this process does not hold it)."""
+        f = _HELD.pop(str(self.path.resolve()), None)
+        if f is not None:
+            f.close()  # closing the file releases the flock
 
     def open(self) -> RunDir:
         """Open an existing run (to resume or evaluate it); its config is in ``self.config``."""

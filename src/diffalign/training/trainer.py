@@ -391,31 +391,32 @@ class Trainer:
         self.world = init_distributed()
         self.groups = shard_groups(cfg.prompts_per_epoch, self.world)
         self.run = loop.open_run(run_dir, cfg, resume)
-        torch.manual_seed(cfg.seed)
-        self.policy = build_policy(cfg.model_family, cfg.model, image_size=cfg.image_size, lora_rank=cfg.lora_rank,
-                                   lora_alpha=cfg.lora_alpha, options=cfg.model_options)
-        broadcast_parameters(self.policy.trainable_parameters())  # every rank starts from rank 0's weights
-        self.sharding, source = resolve_sharding(cfg.sharding)
-        if self.world.distributed and self.world.is_main and source != "config":
-            print(f"{source}: sharding={self.sharding} (diffalign's own implementation, docs/distributed.md)",
-                  flush=True)
-        self.optimizer = make_optimizer(
-            self.policy.trainable_parameters(),
-            partial(torch.optim.AdamW, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay),
-            self.sharding)
-        self.algo = build_algorithm(cfg)
-        self.reward = build_reward(cfg.reward, **cfg.reward_kwargs)
-        self.eval_reward = build_reward("shapes_verifier", mode="score")
-        self.start_epoch, self.train_time = 0, 0.0
-        split = prompt_splits()[cfg.prompt_split]
-        self.curriculum = (TaskCurriculum([t for t in TASKS if split[t]], cfg.task_sampling_floor,
-                                          cfg.task_sampling_decay)
-                           if cfg.task_sampling == "adaptive" and cfg.prompt_file is None else None)
-        if cfg.ema_decay > 0:
-            self.policy.save_snapshot("ema")
-        if resume:
-            self._load()
-        self.logger: MetricsLogger | loop.NoLogger = loop.open_logger(self.run, self.start_epoch if resume else None)
+        with loop.unlocked_on_error(self.run):
+            torch.manual_seed(cfg.seed)
+            self.policy = build_policy(cfg.model_family, cfg.model, image_size=cfg.image_size, lora_rank=cfg.lora_rank,
+                                       lora_alpha=cfg.lora_alpha, options=cfg.model_options)
+            broadcast_parameters(self.policy.trainable_parameters())  # every rank starts from rank 0's weights
+            self.sharding, source = resolve_sharding(cfg.sharding)
+            if self.world.distributed and self.world.is_main and source != "config":
+                print(f"{source}: sharding={self.sharding} (diffalign's own implementation, docs/distributed.md)",
+                      flush=True)
+            self.optimizer = make_optimizer(
+                self.policy.trainable_parameters(),
+                partial(torch.optim.AdamW, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay),
+                self.sharding)
+            self.algo = build_algorithm(cfg)
+            self.reward = build_reward(cfg.reward, **cfg.reward_kwargs)
+            self.eval_reward = build_reward("shapes_verifier", mode="score")
+            self.start_epoch, self.train_time = 0, 0.0
+            split = prompt_splits()[cfg.prompt_split]
+            self.curriculum = (TaskCurriculum([t for t in TASKS if split[t]], cfg.task_sampling_floor,
+                                              cfg.task_sampling_decay)
+                               if cfg.task_sampling == "adaptive" and cfg.prompt_file is None else None)
+            if cfg.ema_decay > 0:
+                self.policy.save_snapshot("ema")
+            if resume:
+                self._load()
+            self.logger: MetricsLogger | loop.NoLogger = loop.open_logger(self.run, self.start_epoch if resume else None)
 
     # -- checkpoints -------------------------------------------------------------------
     def _save(self, epoch: int) -> None:
@@ -589,9 +590,13 @@ class Trainer:
         runner = loop.TrainLoop(self.step_epoch, self.evaluate, self._save, unit="epoch", label=cfg.algorithm,
                                 start=self.start_epoch, total=cfg.epochs, eval_every=cfg.eval.every,
                                 ckpt_every=cfg.ckpt_every, max_train_minutes=cfg.max_train_minutes)
-        out = runner.run(self.logger, self.console)
-        final = {"epochs": out.done if cfg.epochs > self.start_epoch else cfg.epochs, "train_time_s": self.train_time}
-        return run_on_main(lambda: loop.write_summary(self.run, final, plot_curves))
+        try:
+            out = runner.run(self.logger, self.console)
+            final = {"epochs": out.done if cfg.epochs > self.start_epoch else cfg.epochs,
+                     "train_time_s": self.train_time}
+            return run_on_main(lambda: loop.write_summary(self.run, final, plot_curves))
+        finally:
+            self.run.unlock()
 
 
 def _granularity_line(epoch: int, prompts: list[str], group_ids: torch.Tensor, shared: torch.Tensor) -> str:
