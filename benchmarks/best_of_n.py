@@ -21,9 +21,18 @@ about the run's own prompts); ``--replay-only`` is its control, the replay alone
 Every ``--every`` iterations it judges ``--images`` fresh images per prompt with the standard
 evaluation sampler (Euler ODE, 20 steps, CFG ``--eval-cfg``; the same seeds each time).
 
+``--train-prompts N`` replaces the fixed file by the whole training split: every iteration
+draws N prompts task-balanced, as training does (``--group`` images each). With
+``--eval-split test`` the evaluation is ``--images`` task-balanced images of that split (the
+test-score target's prompts) instead of images per fixed prompt. ``--renders --train-prompts
+16 --eval-split test`` is then the test target's ceiling: how far perfect samples of the
+training prompts move the test score at the preset's LoRA, in ``--minutes`` of training.
+
     python benchmarks/best_of_n.py --prompts fixed4.txt --iters 30 --sigma-min 0.5
     python benchmarks/best_of_n.py --prompts fixed4.txt --iters 40 --lr 1e-3 --renders --eval-cfg 1 \
         --set rollout.guidance_scale=1
+    python benchmarks/best_of_n.py --train-prompts 16 --group 4 --renders --eval-split test --images 512 \
+        --iters 100000 --minutes 60 --every 100 --lr 1e-3
 
 Prints a line per evaluation and JSON (``--json`` writes it to a file too).
 """
@@ -49,6 +58,28 @@ def evaluate_fixed(policy, prompts: list[str], images: int, *, steps: int = 20, 
     per = [sum(v.score for v in verdicts[i * images:(i + 1) * images]) / images for i in range(len(prompts))]
     return {"score": sum(per) / len(per), "partial": sum(v.partial for v in verdicts) / len(verdicts),
             "per_prompt_score": per}
+
+
+def evaluate_split(policy, split: str, images: int, *, cfg: float = 4.5) -> dict:
+    """Strict / partial score (overall and per task) of ``images`` task-balanced images of ``split``,
+    fixed prompts and seeds (:func:`~diffalign.evaluation.quick.evaluate_policy`)."""
+    from diffalign.evaluation.quick import evaluate_policy
+
+    res = evaluate_policy(policy, split, images, steps=20, guidance_scale=cfg)[0]
+    return {k: v for k, v in res.items() if not k.startswith("lowlevel/")}
+
+
+def iteration_prompts(args, cfg, prompts: list[str] | None, it: int) -> list[str]:
+    """Iteration ``it``'s batch: each fixed prompt ``--group`` times, or ``--train-prompts`` fresh
+    task-balanced training prompts ``--group`` times each (seeded by ``--seed`` and ``it``)."""
+    if prompts is not None:
+        return [p for p in prompts for _ in range(args.group)]
+    from dataclasses import replace
+
+    from diffalign.training.trainer import sample_prompts_with_tasks
+
+    draw = replace(cfg, prompts_per_epoch=args.train_prompts, group_size=args.group, seed=args.seed)
+    return sample_prompts_with_tasks(draw, it)[0]
 
 
 def training_data(args) -> str:
@@ -126,14 +157,24 @@ def best_of_n_step(policy, optimizer, x0: torch.Tensor, prompts: list[str], *, s
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="flow_grpo", help="the policy (LoRA rank) and rollout sampler come from it")
-    ap.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompts", help="text file, one prompt per line")
+    which.add_argument("--train-prompts", type=int, default=0, metavar="N",
+                       help="instead of a file: N training-split prompts per iteration, task-balanced as training "
+                            "draws them")
+    ap.add_argument("--eval-split", choices=["train", "test", "ood"], default=None,
+                    help="evaluate on --images task-balanced images of this split (default: --images per fixed "
+                         "prompt)")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--minutes", type=float, default=0.0,
+                    help="> 0: stop (and evaluate) once training has taken this many minutes")
     ap.add_argument("--group", type=int, default=16, help="rollout images per prompt per iteration")
     ap.add_argument("--steps-per-iter", type=int, default=2)
     ap.add_argument("--sigma-min", type=float, default=0.0)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--every", type=int, default=10)
-    ap.add_argument("--images", type=int, default=32, help="evaluation images per prompt")
+    ap.add_argument("--images", type=int, default=32,
+                    help="evaluation images per prompt (with --eval-split: in all)")
     ap.add_argument("--eval-cfg", type=float, default=4.5, help="CFG weight of the evaluation sampler")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -161,6 +202,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.replay_only and not args.replay:
         ap.error("--replay-only needs --replay N (the number of replay renders per step)")
+    if args.train_prompts < 0 or (args.train_prompts == 0 and not args.prompts):
+        ap.error("--train-prompts must be >= 1 (prompts per iteration)")
+    if args.train_prompts and args.eval_split is None:
+        ap.error("--train-prompts draws new prompts every iteration; name the evaluation's prompts with "
+                 "--eval-split test (or train, ood)")
+    if args.train_prompts and args.replay:
+        ap.error("--replay adds renders of the training prompts the run does not use; with --train-prompts "
+                 "it uses them all")
     if args.dpo_beta > 0 and (args.snap or args.renders or args.renders_for_kept or args.replay):
         ap.error("--dpo-beta pairs own passing and failing samples; it does not combine with --snap, --renders* "
                  "or --replay")
@@ -183,26 +232,31 @@ def main(argv: list[str] | None = None) -> dict:
     policy = build_policy(cfg.model_family, cfg.model, image_size=cfg.image_size, lora_rank=cfg.lora_rank,
                           lora_alpha=cfg.lora_alpha, options=cfg.model_options)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=0.0)
-    prompts = read_prompt_file(args.prompts)
+    prompts = read_prompt_file(args.prompts) if args.prompts else None
     others = [p for task in prompt_splits()["train"].values() for p in task if p not in prompts] if args.replay else []
     gen = torch.Generator().manual_seed(args.seed)
-    batch = [p for p in prompts for _ in range(args.group)]
-    gids = torch.arange(len(prompts)).repeat_interleave(args.group)
     rows, images, kept_total, t_train, steps_taken = [], 0, 0, 0.0, 0
 
     def evaluate(it: int, pass_rate: float | None) -> None:
         policy.eval()
         row = {"iter": it, "rollout_images": images, "kept_images": kept_total, "optimizer_steps": steps_taken,
                "train_s": round(t_train, 1),
-               "rollout_pass_rate": pass_rate, **evaluate_fixed(policy, prompts, args.images, cfg=args.eval_cfg)}
+               "rollout_pass_rate": pass_rate}
+        if args.eval_split:
+            row |= evaluate_split(policy, args.eval_split, args.images, cfg=args.eval_cfg)
+            detail = "  per task " + " ".join(f"{k[6:]} {v:.2f}" for k, v in row.items() if k.startswith("score/"))
+        else:
+            row |= evaluate_fixed(policy, prompts, args.images, cfg=args.eval_cfg)
+            detail = "  per prompt " + " ".join(f"{x:.2f}" for x in row["per_prompt_score"])
         rows.append(row)
-        print(f"iter {it:3d}  images {images:5d}  kept {kept_total:5d}  score {row['score']:.3f}  "
-              f"partial {row['partial']:.3f}  per prompt " + " ".join(f"{x:.2f}" for x in row["per_prompt_score"]),
-              flush=True)
+        print(f"iter {it:3d}  images {images:5d}  kept {kept_total:5d}  min {t_train / 60:5.1f}  score "
+              f"{row['score']:.3f}  partial {row['partial']:.3f}" + detail, flush=True)
 
     evaluate(0, None)
     for it in range(1, args.iters + 1):
         t0 = time.perf_counter()
+        batch = iteration_prompts(args, cfg, prompts, it)
+        gids = torch.arange(len(batch) // args.group).repeat_interleave(args.group)
         policy.eval()
         if args.renders:
             seeds = [it * len(batch) + i for i in range(len(batch))]
@@ -241,16 +295,21 @@ def main(argv: list[str] | None = None) -> dict:
                     best_of_n_step(policy, optimizer, x0, kept, sigma_min=args.sigma_min, generator=gen)
                     steps_taken += 1
         t_train += time.perf_counter() - t0
-        if it % args.every == 0 or it == args.iters:
+        out_of_time = args.minutes > 0 and t_train >= args.minutes * 60
+        if it % args.every == 0 or it == args.iters or out_of_time:
             evaluate(it, float(passed.float().mean()))
-    if args.grid:
+        if out_of_time:
+            break
+    if args.grid and prompts:
         from diffalign.evaluation.grid import save_grid
         from diffalign.sampling.generate import generate
 
         policy.eval()
         shown = [p for p in prompts for _ in range(8)]
         save_grid(generate(policy, shown, [10_000 + i % 8 for i in range(len(shown))], cfg=args.eval_cfg), args.grid)
-    out = {"preset": args.preset, "overrides": args.set, "prompts": prompts, "sigma_min": args.sigma_min,
+    out = {"preset": args.preset, "overrides": args.set,
+           "prompts": prompts if prompts else f"{args.train_prompts} training prompts per iteration",
+           "eval_split": args.eval_split, "minutes": args.minutes, "sigma_min": args.sigma_min,
            "lr": args.lr, "eval_cfg": args.eval_cfg, "renders": args.renders, "snap": args.snap,
            "renders_for_kept": args.renders_for_kept, "dpo_beta": args.dpo_beta, "replay": args.replay,
            "replay_only": args.replay_only, "group": args.group,
@@ -261,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
             "data": training_data(args),
             "sigma_min": args.sigma_min, "lr": args.lr, "eval_cfg": args.eval_cfg, "overrides": args.set,
             **score_curve_summary(rows), "kept_images": rows[-1]["kept_images"],
-            "eval_images_per_prompt": args.images})
+            **({"eval_split": args.eval_split, "eval_images": args.images} if args.eval_split
+               else {"eval_images_per_prompt": args.images})})
     return emit_json(out, args.json)
 
 

@@ -356,3 +356,38 @@ def test_constraint_signal_runs_the_preset_rollout(tmp_path, tiny_model):
     assert set(out["tasks"]) == {"position", "color_attr"} and out["images"] == 12
     assert out["tasks"]["position"]["groups"] == 2 and "align/relation" in out["tasks"]["position"]
     assert json.loads((tmp_path / "c.json").read_text())["reward"] == "shapes_verifier[partial]"
+
+
+def test_best_of_n_on_the_training_split_evaluates_a_split_and_stops_at_its_minutes(tmp_path, tiny_model):
+    """--train-prompts draws new task-balanced training prompts every iteration, --eval-split judges
+    task-balanced images of a split (per-task scores included), --minutes ends the run early."""
+    bench = load_benchmark("best_of_n")
+    common = ["--train-prompts", "3", "--group", "2", "--renders", "--eval-split", "test", "--images", "12",
+              "--threads", "1", "--eval-cfg", "1", "--set", f"model={tiny_model}", "--set", "lora_rank=0"]
+    out = bench.main([*common, "--iters", "2", "--every", "1", "--summary", str(tmp_path / "l.json"),
+                      "--summary-key", "ceiling"])
+    rows = out["evaluations"]
+    assert [r["iter"] for r in rows] == [0, 1, 2] and [r["rollout_images"] for r in rows] == [0, 6, 12]
+    assert rows[-1]["kept_images"] == 12 and rows[-1]["optimizer_steps"] == 4
+    assert {"score/single_object", "score/position", "score/color_attr"} <= rows[0].keys()
+    assert out["eval_split"] == "test" and "training prompts" in out["prompts"]
+    assert json.loads((tmp_path / "l.json").read_text())["ceiling"]["eval_images"] == 12
+    # each iteration draws its own training prompts, --group images each
+    from argparse import Namespace
+
+    from diffalign.cli import resolve_preset
+    from diffalign.config import load_config
+    from diffalign.training.trainer import TrainConfig
+    from diffalign.world.grammar import prompt_splits
+
+    cfg = load_config(TrainConfig, resolve_preset("flow_grpo"), [])
+    draws = [bench.iteration_prompts(Namespace(train_prompts=8, group=2, seed=0), cfg, None, i) for i in (1, 2)]
+    train = {p for ps in prompt_splits()["train"].values() for p in ps}
+    assert all(len(b) == 16 and b[0::2] == b[1::2] and set(b) <= train for b in draws) and draws[0] != draws[1]
+    # a budget of ~0 minutes: one iteration, then the final evaluation
+    short = bench.main([*common, "--iters", "50", "--every", "10", "--minutes", "1e-6"])
+    assert [r["iter"] for r in short["evaluations"]] == [0, 1]
+    with pytest.raises(SystemExit):  # no evaluation prompts named
+        bench.main(["--train-prompts", "3", "--renders"])
+    with pytest.raises(SystemExit):  # a file and the training split at once
+        bench.main(["--train-prompts", "3", "--prompts", "p.txt", "--eval-split", "test"])
