@@ -61,3 +61,23 @@ def test_bf16_autocast_option_trains(tmp_path):
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
     losses = _losses(tmp_path / "bf16")
     assert len(losses) == 2 and all(x == x for x in losses)
+
+
+def test_init_from_continues_from_saved_weights_and_checks_the_architecture(tmp_path):
+    """init_from starts model and EMA at a saved UNet (here: a tiny pretrained one, then trained on
+    at a vanishing rate, so the result is those weights); another architecture is refused with
+    the fields to set; ``base`` names the shipped model, whose architecture is the default one."""
+    from diffalign.models.unet import UNetConfig
+    from diffalign.training.pretrain import _initial_weights
+
+    first = pretrain(PretrainConfig(steps=2, **TINY), tmp_path / "a")
+    start = load_file(str(first))
+    cont = pretrain(PretrainConfig(steps=2, lr=1e-12, init_from=str(first), **TINY), tmp_path / "b")
+    after = load_file(str(cont))
+    assert all(torch.allclose(after[k], v, atol=1e-6) for k, v in start.items())
+    fresh = load_file(str(pretrain(PretrainConfig(steps=2, lr=1e-12, seed=1, **TINY), tmp_path / "c")))
+    assert not all(torch.allclose(fresh[k], v, atol=1e-6) for k, v in start.items())  # a random init differs
+    with pytest.raises(ConfigError, match="another architecture.*channels"):
+        pretrain(PretrainConfig(steps=2, init_from=str(first), **dict(TINY, channels=(8, 16, 32))), tmp_path / "d")
+    shipped = _initial_weights(PretrainConfig(init_from="base"), UNetConfig(channels=(32, 64, 128), blocks_per_level=1))
+    assert sum(p.numel() for p in shipped.parameters()) == 3_870_211

@@ -73,6 +73,11 @@ class PretrainConfig:
     """torch threads (0 = torch's default)."""
     unet: dict = field(default_factory=dict)
     """Extra UNetConfig fields."""
+    init_from: str | None = None
+    """Start from these weights instead of a random initialisation: a saved UNet (``.safetensors``)
+    or ``base`` for the shipped ShapesWorld base. Model and EMA both start there and the EMA
+    decays at ``ema_decay`` from the first step (no warm-up), as a continued run's would. Its
+    architecture must be the one ``channels`` / ``blocks_per_level`` / ``unet`` describe."""
 
     def validate(self) -> None:
         check_size(self.image_size)
@@ -157,11 +162,24 @@ def _new_model(cfg: PretrainConfig, out: Path) -> tuple[FlowUNet, dict[str, torc
     if (out / "checkpoint" / "state.json").exists():
         raise ConfigError(f"{out} already holds a pretraining run; pass --resume to continue it or pick a new --out")
     torch.manual_seed(cfg.seed)
-    model = FlowUNet(UNetConfig(channels=tuple(cfg.channels), blocks_per_level=cfg.blocks_per_level, **cfg.unet))
+    arch = UNetConfig(channels=tuple(cfg.channels), blocks_per_level=cfg.blocks_per_level, **cfg.unet)
+    model = FlowUNet(arch) if cfg.init_from is None else _initial_weights(cfg, arch)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return model, ema
+
+
+def _initial_weights(cfg: PretrainConfig, arch: UNetConfig) -> FlowUNet:
+    """The model ``cfg.init_from`` names, checked against the architecture ``cfg`` describes."""
+    model, size, _ = load_unet(None if cfg.init_from == "base" else cfg.init_from)
+    want, got = arch.to_dict(), model.config.to_dict()
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if diff or size != cfg.image_size:
+        shown = {k: got.get(k) for k in diff} | ({"image_size": size} if size != cfg.image_size else {})
+        raise ConfigError(f"init_from={cfg.init_from!r} is a model of another architecture; set {shown} "
+                          "(channels, blocks_per_level, image_size or unet.<field>) to match it")
+    return model
 
 
 def _start(cfg: PretrainConfig, out: Path, resume: bool):
@@ -268,7 +286,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         task = bar.add_task("pretrain", total=cfg.steps, completed=start, loss=float("nan"))
         for step in range(start, cfg.steps):
             loss, gnorm = _train_step(cfg, step, model, opt, train, text, null)
-            _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            warm = cfg.init_from is None  # a run from trained weights keeps its EMA's full decay
+            _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)) if warm else cfg.ema_decay)
             done = step + 1
             bar.update(task, completed=done, loss=loss.item())
             if _due(done, cfg.log_every, cfg.steps):
