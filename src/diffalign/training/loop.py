@@ -61,9 +61,13 @@ def open_run(run_dir: str | Path, cfg: Any, resume: bool) -> RunDir:
     run = RunDir(run_dir)
     if resume:
         run.open()
-    run_on_main(lambda: run.lock() and None)
-    if not resume:
-        run_on_main(lambda: run.create(config_to_dict(cfg)) and None)
+
+    def claim() -> None:
+        run.lock()
+        if not resume:
+            run.create(config_to_dict(cfg))
+
+    run_on_main(claim)
     return run
 
 

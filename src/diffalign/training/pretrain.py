@@ -284,9 +284,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     model.train()
     with (out / "metrics.jsonl").open("a") as log, _progress_bar(console) as bar:
         task = bar.add_task("pretrain", total=cfg.steps, completed=start, loss=float("nan"))
+        warm = cfg.init_from is None  # a run from trained weights keeps its EMA's full decay
         for step in range(start, cfg.steps):
             loss, gnorm = _train_step(cfg, step, model, opt, train, text, null)
-            warm = cfg.init_from is None  # a run from trained weights keeps its EMA's full decay
             _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)) if warm else cfg.ema_decay)
             done = step + 1
             bar.update(task, completed=done, loss=loss.item())

@@ -116,8 +116,7 @@ class RunDir:
         refused (resume it, or choose another directory); one whose run stopped before its first
         checkpoint (killed early, or a start that failed) is started afresh — its partial metrics
         are dropped and a note says so — so the same command works again."""
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"{self.path} is a file, not a directory; choose another output directory.")
+        self._require_directory()
         if self.is_run() and not exist_ok:
             if self.has_checkpoint():
                 raise ConfigError(
@@ -131,6 +130,11 @@ class RunDir:
             d.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.config_path)
         return self
+
+    def _require_directory(self) -> None:
+        """A ConfigError when the path exists and is a file."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.path} is a file, not a directory; choose another output directory.")
 
     def _clear_unfinished(self) -> None:
         """Drop what a run that never checkpointed left (metrics, TensorBoard events, temp files)."""
@@ -161,8 +165,7 @@ class RunDir:
         process. A directory another process holds raises a ConfigError naming its pid."""
         if fcntl is None:
             return self
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"{self.path} is a file, not a directory; choose another output directory.")
+        self._require_directory()
         key = str(self.path.resolve())
         if key in _HELD:
             return self
