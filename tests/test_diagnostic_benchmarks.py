@@ -391,3 +391,33 @@ def test_best_of_n_on_the_training_split_evaluates_a_split_and_stops_at_its_minu
         bench.main(["--train-prompts", "3", "--renders"])
     with pytest.raises(SystemExit):  # a file and the training split at once
         bench.main(["--train-prompts", "3", "--prompts", "p.txt", "--eval-split", "test"])
+
+
+def test_pretrain_ceiling_continues_pretraining_from_weights_and_judges_its_snapshots(tmp_path, tiny_model):
+    """The test-ceiling rung: pretraining continued from saved weights (here the tiny model), its
+    EMA snapshots judged per split; a second call reuses the run and the stored evaluations."""
+    bench = load_benchmark("pretrain_ceiling")
+    args = ["--out", str(tmp_path / "run"), "--steps", "4", "--ckpt-every", "2", "--eval-steps", "0,2,4",
+            "--images", "6", "--threads", "1", "--set", f"init_from={tiny_model}", "--set", "batch_size=2",
+            "--set", "channels=[8,16,16]", "--set", "blocks_per_level=2",
+            "--set", "unet={groups: 4, emb_dim: 32, heads: 2}",
+            "--summary", str(tmp_path / "l.json")]
+    out = bench.main(args)
+    rows = out["evaluations"]
+    assert [r["step"] for r in rows] == [0, 2, 4] and [r["renders"] for r in rows] == [0, 4, 8]
+    assert {"test/score", "ood/score", "test/score/position"} <= rows[0].keys()
+    assert 0 <= out["final"] <= 1 and out["base"] == rows[0]["test/score"]
+    assert rows[2]["train_s"] > rows[1]["train_s"] > 0
+    # step 0 is the starting weights themselves: the same score as judging the tiny model directly
+    direct = bench.evaluate_snapshot(tiny_model, ["test"], 6)
+    assert direct["test"]["score"] == rows[0]["test/score"]
+    assert json.loads((tmp_path / "l.json").read_text())["ceiling_test_pretrain"]["images"] == 8
+    # the continued model moved away from its start (all weights train)
+    from safetensors.torch import load_file
+
+    start, after = load_file(tiny_model), load_file(str(tmp_path / "run" / "ema_step000004.safetensors"))
+    assert any(not torch.equal(start[k], after[k]) for k in start)
+    again = bench.main(args)  # nothing to train or judge again
+    assert again["evaluations"] == rows and again["this_call_s"] < 5
+    with pytest.raises(SystemExit):  # step 3 has no snapshot
+        bench.main([*args[:6], "--eval-steps", "0,3"])
