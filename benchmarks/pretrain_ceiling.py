@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _json_out import emit_json, merge_summary  # noqa: E402
+from _json_out import emit_json, merge_summary
+from best_of_n import evaluate_split
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -84,22 +83,17 @@ def _snapshot(out: Path, step: int, init_from: str) -> str | None:
 
 def _elapsed(out: Path, step: int) -> float:
     """Training seconds to ``step``, as its EMA snapshot records them (0 for the start)."""
-    from diffalign.models.checkpoint import load_unet
+    from diffalign.models.checkpoint import read_metadata
 
-    return float(load_unet(out / f"ema_step{step:06d}.safetensors")[2]["elapsed_s"]) if step else 0.0
+    return float(json.loads(read_metadata(out / f"ema_step{step:06d}.safetensors")["info"])["elapsed_s"]) if step else 0.0
 
 
 def evaluate_snapshot(path: str | None, splits: list[str], images: int) -> dict:
     """Verifier figures per split (overall and per task), the standard evaluation protocol."""
-    from diffalign.evaluation.quick import evaluate_policy
     from diffalign.models.tiny import TinyFlowPolicy
 
     policy = TinyFlowPolicy.from_checkpoint(path)
-    res = {}
-    for split in splits:
-        m = evaluate_policy(policy, split, images, steps=20, guidance_scale=4.5)[0]
-        res[split] = {k: v for k, v in m.items() if not k.startswith("lowlevel/")}
-    return res
+    return {split: evaluate_split(policy, split, images) for split in splits}
 
 
 def main(argv: list[str] | None = None) -> dict:
