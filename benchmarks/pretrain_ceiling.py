@@ -76,16 +76,20 @@ def _config(args):
 
 def _snapshot(out: Path, step: int, init_from: str) -> str | None:
     """The EMA weights of ``step`` (``None``: the shipped base, for step 0 from ``base``)."""
+    from diffalign.training.pretrain import ema_snapshot_path
+
     if step == 0:
         return None if init_from == "base" else init_from
-    return str(out / f"ema_step{step:06d}.safetensors")
+    return str(ema_snapshot_path(out, step))
 
 
 def _elapsed(out: Path, step: int) -> float:
     """Training seconds to ``step``, as its EMA snapshot records them (0 for the start)."""
     from diffalign.models.checkpoint import read_metadata
 
-    return float(json.loads(read_metadata(out / f"ema_step{step:06d}.safetensors")["info"])["elapsed_s"]) if step else 0.0
+    if step == 0:
+        return 0.0
+    return float(json.loads(read_metadata(_snapshot(out, step, ""))["info"])["elapsed_s"])
 
 
 def evaluate_snapshot(path: str | None, splits: list[str], images: int) -> dict:
@@ -100,14 +104,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parse(argv)
     import torch
 
-    from diffalign.training.pretrain import pretrain
+    from diffalign.training.pretrain import ema_snapshot_path, pretrain
 
     torch.set_num_threads(args.threads)
     cfg = _config(args)
     out = Path(args.out)
     t0 = time.time()
     resume = (out / "checkpoint" / "state.json").exists()
-    if not (out / f"ema_step{args.steps:06d}.safetensors").exists():
+    if not ema_snapshot_path(out, args.steps).exists():
         pretrain(cfg, out, resume=resume)
     train_s = time.time() - t0
     splits = [s for s in args.splits.split(",") if s]

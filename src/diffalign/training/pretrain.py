@@ -236,10 +236,16 @@ def _due(done: int, every: int, total: int) -> bool:
     return done % every == 0 or done == total
 
 
+def ema_snapshot_path(out: str | Path, step: int) -> Path:
+    """Where a pretraining run in ``out`` keeps the EMA weights of ``step`` (every ``ckpt_every``
+    steps and the last)."""
+    return Path(out) / f"ema_step{step:06d}.safetensors"
+
+
 def _save_checkpoints(cfg: PretrainConfig, out: Path, done: int, model, ema, opt, t0: float) -> None:
     """Phase 3a: the resumable checkpoint and an EMA snapshot of step ``done``."""
     _save_state(out, cfg, done, model, ema, opt, time.time() - t0)
-    save_unet(out / f"ema_step{done:06d}.safetensors", model, cfg.image_size,
+    save_unet(ema_snapshot_path(out, done), model, cfg.image_size,
               {"step": done, "elapsed_s": time.time() - t0}, state_dict=ema)
 
 
