@@ -421,3 +421,37 @@ def test_pretrain_ceiling_continues_pretraining_from_weights_and_judges_its_snap
     assert again["evaluations"] == rows and again["this_call_s"] < 5
     with pytest.raises(SystemExit):  # step 3 has no snapshot
         bench.main([*args[:6], "--eval-steps", "0,3"])
+
+
+def test_ptx_control_trains_the_matched_replay_steps_alone_and_resumes(tmp_path, tiny_model):
+    """The renders-only control of a ptx run: the run's policy settings, its epochs × optimizer
+    steps of replay alone, evaluated with the run's protocol; a rerun resumes (nothing to train)."""
+    from diffalign.config import load_config
+    from diffalign.training.rundir import load_checkpoint, read_metrics
+    from diffalign.training.trainer import TrainConfig, Trainer
+
+    run = tmp_path / "run"
+    cfg = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
+        f"model={tiny_model}", "lora_rank=4", "epochs=2", "prompts_per_epoch=2", "group_size=4", "rollout.steps=3",
+        "rollout.sde_window=null", "eval.every=0", "eval.num_images=4", "eval.steps=2", "grpo.minibatch_size=4",
+        "reward=jpeg_incompressibility", "reward_kwargs={}", "ptx.weight=0.5", "ptx.batch_size=3", "ckpt_every=1"])
+    Trainer(cfg, run).train()
+    bench = load_benchmark("ptx_control")
+    args = ["--match", str(run), "--out", str(tmp_path / "control"), "--eval-images", "8", "--eval-steps", "2",
+            "--json", str(tmp_path / "c.json")]
+    out = bench.main(args)
+    c = out["control"]
+    assert c["epochs"] == 2 and c["optimizer_steps"] == 4 and c["renders"] == 12  # 8 samples / minibatch 4 = 2 per epoch
+    rows = read_metrics(tmp_path / "control" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["ptx/loss"] > 0 for r in rows)
+    control, trained = load_checkpoint(tmp_path / "control")["policy"], load_checkpoint(run)["policy"]
+    start = Trainer(load_config(TrainConfig, run / "config.yaml", ["epochs=1"]), tmp_path / "fresh").policy.trainable_state()
+    assert control.keys() == trained.keys()
+    assert any(not torch.equal(control[k], start[k]) for k in control)  # the replay moved the adapters
+    assert any(not torch.equal(control[k], trained[k]) for k in control)  # and not where the run went
+    assert 0 <= out["rows"]["renders only (control)"]["test_score"] <= 1
+    assert json.loads((tmp_path / "c.json").read_text())["control"] == c
+    assert (tmp_path / "c.md").read_text().startswith("Renders-only control: 4 optimizer steps")
+    again = bench.main(args)  # resumed at its last checkpoint: no epoch left, the same weights and figures
+    assert again["rows"] == out["rows"]
+    assert all(torch.equal(load_checkpoint(tmp_path / "control")["policy"][k], control[k]) for k in control)

@@ -52,7 +52,7 @@ def runs(tmp_path_factory):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(WORKER), model, str(root / "dist"), "--grad", "--runs",
-           "grpo:2:resume,crd:1,grpo@optimizer:2:resume,crd@optimizer:1,grpo@gradients:2:resume,crd@deepspeed_zero2:1"]
+           "grpo:2:resume,crd:1,grpo_ptx:2:resume,grpo@optimizer:2:resume,crd@optimizer:1,grpo@gradients:2:resume,crd@deepspeed_zero2:1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -115,6 +115,20 @@ def test_parameters_identical_across_ranks_and_trained(runs, algo):
     base, _, _ = load_unet(runs["model"])
     base = base.state_dict()
     assert any(not torch.equal(base[k], p0[k]) for k in p0), "the update changed nothing"
+
+
+def test_render_replay_keeps_ranks_in_sync_resumes_exactly_and_moves_the_update(runs):
+    """ptx: every rank renders its own batch; the averaged gradient leaves all ranks with the same
+    weights, a resumed epoch repeats the same draws, and the replay term changes the update."""
+    p0, p1 = (_load(runs, f"dist/grpo_ptx_rank{r}.pt")["params"] for r in range(2))
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+    for r in range(2):
+        resumed = _load(runs, f"dist/grpo_ptx_resumed_rank{r}.pt")
+        assert all(torch.equal(p0[k], resumed[k]) for k in p0)
+    plain = _load(runs, "dist/grpo_rank0.pt")["params"]  # the same run without replay: other weights
+    assert any(not torch.equal(plain[k], p0[k]) for k in p0)
+    rows = _metrics(runs["root"] / "dist" / "grpo_ptx_run")
+    assert all(r["ptx/loss"] > 0 for r in rows if "policy_loss" in r)
 
 
 def test_every_rank_resumes_from_the_same_checkpoint_exactly(runs):

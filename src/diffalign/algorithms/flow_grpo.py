@@ -46,6 +46,7 @@ from diffalign.sharding import reduce_clip_step
 
 Regularizer = Callable[[Trajectory, Tensor, Tensor, Tensor, torch.Generator], tuple[Tensor, dict[str, float]]]
 Granularity = Callable[[int, int, torch.Generator], "Tensor | None"]
+Auxiliary = Callable[[object, torch.Generator], tuple[Tensor, dict[str, float]]]
 
 
 @dataclass
@@ -140,8 +141,13 @@ class GRPO:
     name = "grpo"
 
     def __init__(self, config: GRPOConfig, regularizers: list[Regularizer] | None = None, *,
-                 granularity: Granularity | None = None, autocast_bf16: bool = False):
+                 granularity: Granularity | None = None, autocast_bf16: bool = False,
+                 auxiliary: Auxiliary | None = None):
+        """``auxiliary(policy, generator) → (loss, metrics)``: a loss added once to every
+        optimizer step's gradient, before the gradients are averaged over processes and clipped
+        (e.g. :class:`~diffalign.algorithms.ptx.RenderReplay`, pretraining-data replay)."""
         self.config = config
+        self.auxiliary = auxiliary
         self.regularizers = list(regularizers or [])
         self.granularity = granularity
         self.autocast_bf16 = autocast_bf16
@@ -202,6 +208,11 @@ class GRPO:
                             sums[key] += float(v)
                         count += 1
                 parts = n_steps * -(-len(idx) // micro)  # loss evaluations in this minibatch
+                if self.auxiliary is not None:  # once per optimizer step, weighted like grad_norm
+                    extra, m = self.auxiliary(policy, generator)
+                    extra.backward()
+                    for key, v in m.items():
+                        sums[key] += float(v) * parts
                 # multi-process: gradients averaged over ranks before clipping (sharded or not)
                 sums["grad_norm"] += reduce_clip_step(optimizer, params, c.max_grad_norm) * parts
         return {k: v / max(count, 1) for k, v in sums.items()}

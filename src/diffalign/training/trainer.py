@@ -29,6 +29,7 @@ from diffalign.algorithms.consistent_rft import (
 )
 from diffalign.algorithms.flow_grpo import GRPO, GRPOConfig
 from diffalign.algorithms.forward import CRDConfig, ForwardProcess, NFTConfig
+from diffalign.algorithms.ptx import PTXConfig, RenderReplay
 from diffalign.config import MAX_SEED, ranged
 from diffalign.distributed import (
     all_gather_object,
@@ -175,6 +176,9 @@ class TrainConfig:
     """CRD's forward-process update (algorithm crd)."""
     nft: NFTConfig = field(default_factory=NFTConfig)
     """DiffusionNFT's forward-process update (algorithm diffusion_nft)."""
+    ptx: PTXConfig = field(default_factory=PTXConfig)
+    """Pretraining-data replay ("PPO-ptx"): a flow-matching loss on fresh ShapesWorld renders
+    added to every policy-gradient step of the GRPO family (weight 0 = off)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Periodic evaluation."""
 
@@ -205,6 +209,10 @@ class TrainConfig:
             raise ConfigError("task_sampling_floor must be in [0, 1] and task_sampling_decay in [0, 1)")
         if self.task_weights is not None:
             self._check_task_weights()
+        if self.ptx.weight > 0 and (self.algorithm in ("crd", "diffusion_nft") or self.model_family != "tiny"):
+            raise ConfigError(f"ptx (pretraining-data replay) adds ShapesWorld renders to the GRPO family's update; "
+                              f"algorithm={self.algorithm}, model_family={self.model_family} has no such update or "
+                              "renderer. Set ptx.weight: 0, or use a GRPO-family algorithm on the tiny model")
         if self.eval.tasks is not None:
             try:
                 eval_prompts(self.eval.split, 1, tasks=self.eval.tasks)
@@ -247,7 +255,8 @@ def build_algorithm(cfg: TrainConfig) -> GRPO | ForwardProcess:
         return ForwardProcess("nft", cfg.nft, autocast_bf16=cfg.rollout.autocast_bf16)
     regs = [CPGORegularizer(cfg.cpgo)] if cfg.cpgo.weight > 0 else []
     gran = None if cfg.dgr.mode == "off" else (lambda e, g, gen: dgr_shared_groups(cfg.dgr, e, g, gen))
-    return GRPO(cfg.grpo, regs, granularity=gran, autocast_bf16=cfg.rollout.autocast_bf16)
+    aux = RenderReplay(cfg.ptx, autocast_bf16=cfg.rollout.autocast_bf16) if cfg.ptx.weight > 0 else None
+    return GRPO(cfg.grpo, regs, granularity=gran, autocast_bf16=cfg.rollout.autocast_bf16, auxiliary=aux)
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
