@@ -18,6 +18,10 @@ Each evaluation then also samples the epoch-0 groups from those seen noises (``s
 beside the fresh-noise evaluation. The JSON's ``train`` lists every epoch's rollout reward and
 strict pass rate.
 
+Resumable: each evaluation also writes a checkpoint and ``OUT/fixed_prompts_progress.json`` (the
+rows so far), and the same command run again on the same ``--out`` continues from the last
+evaluation exactly (a larger ``--epochs`` extends a finished run).
+
 Prints a line per evaluation and JSON at the end (``--json`` writes it to a file too). Each
 evaluation row carries the rollout images and training seconds so far (curves of score vs
 images and vs minutes); ``--summary docs/results/learning.json --summary-key KEY`` records the
@@ -28,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
+from pathlib import Path
 
 import torch
 from _json_out import emit_json, merge_summary, score_curve_summary
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffalign.runtime import keep_freed_memory
     from diffalign.sampling.rollout import rollout
     from diffalign.training.prompts import read_prompt_file
+    from diffalign.training.rundir import list_checkpoints
     from diffalign.training.trainer import TrainConfig, Trainer
     from diffalign.world.verify import verify_batch
 
@@ -71,7 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(TrainConfig, resolve_preset(args.preset),
                       [f"prompt_file={args.prompts}", "eval.every=0", f"threads={args.threads}", *extra, *args.set,
                        *([f"rollout.init_seed={args.init_seed}"] if args.init_seed is not None else [])])
-    trainer = Trainer(cfg, args.out)
+    progress = Path(args.out) / "fixed_prompts_progress.json"
+    resume = progress.is_file() and list_checkpoints(args.out)
+    trainer = Trainer(cfg, args.out, resume=bool(resume))
     pool = read_prompt_file(args.prompts)
     prompts = [p for p in pool for _ in range(args.images)]
     rows = []
@@ -111,12 +120,28 @@ def main(argv: list[str] | None = None) -> dict:
               f"brightness {row['brightness']:.4f}  per prompt " + " ".join(f"{x:.2f}" for x in per)
               + (f"  seen noise {row['seen_score']:.3f}" if "seen_score" in row else ""), flush=True)
 
-    evaluate(0)
-    for epoch in range(args.epochs):
+    def save(epoch: int) -> None:  # the checkpoint first: the progress file names a complete one
+        trainer._save(epoch)
+        tmp = progress.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"epoch": epoch, "evaluations": rows, "train": train_rows}))
+        tmp.replace(progress)
+
+    if resume:
+        done = json.loads(progress.read_text())
+        if done["epoch"] != trainer.start_epoch:
+            raise SystemExit(f"{progress} is at epoch {done['epoch']} but the newest checkpoint at epoch "
+                             f"{trainer.start_epoch}; remove {args.out} to start afresh")
+        rows[:], train_rows[:] = done["evaluations"], done["train"]
+        print(f"resuming at epoch {trainer.start_epoch}", flush=True)
+    else:
+        evaluate(0)
+    for epoch in range(trainer.start_epoch, args.epochs):
         m = trainer.step_epoch(epoch)  # the trainer's own epoch: sample, score, advantages, update
         train_rows.append({"epoch": epoch, "reward": m["reward"], "pass_rate": m.get("reward/score")})
         if (epoch + 1) % args.every == 0 or epoch + 1 == args.epochs:
             evaluate(epoch + 1)
+            save(epoch + 1)
+    trainer.run.unlock()
     out = {"preset": args.preset, "overrides": args.set, "reward": args.reward, "prompts": pool,
            "train_s": round(trainer.train_time, 1), "wall_s": round(time.perf_counter() - t0, 1),
            "eval_images_per_prompt": args.images, "init_seed": args.init_seed, "evaluations": rows,

@@ -455,3 +455,28 @@ def test_ptx_control_trains_the_matched_replay_steps_alone_and_resumes(tmp_path,
     again = bench.main(args)  # resumed at its last checkpoint: no epoch left, the same weights and figures
     assert again["rows"] == out["rows"]
     assert all(torch.equal(load_checkpoint(tmp_path / "control")["policy"][k], control[k]) for k in control)
+
+
+def test_fixed_prompts_resumes_from_its_last_evaluation_exactly(tmp_path, tiny_model):
+    """A stopped (here: shorter) fixed-prompts run continued by the same command gives the rows
+    of an uninterrupted run, evaluations and training rewards alike."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    bench = load_benchmark("fixed_prompts")
+
+    def call(out: str, epochs: int) -> dict:
+        return bench.main([
+            "--prompts", str(prompts), "--out", str(tmp_path / out), "--epochs", str(epochs), "--every", "2",
+            "--images", "4", "--threads", "1", "--reward", "brightness", "--set", f"model={tiny_model}",
+            "--set", "lora_rank=0", "--set", "prompts_per_epoch=2", "--set", "group_size=4", "--set", "rollout.steps=3",
+            "--set", "rollout.sde_window=null", "--set", "grpo.minibatch_size=8", "--set", "lr=3e-3"])
+
+    full = call("full", 4)
+    part = call("part", 2)
+    assert [r["epoch"] for r in part["evaluations"]] == [0, 2]
+    resumed = call("part", 4)
+    assert [r["epoch"] for r in resumed["evaluations"]] == [0, 2, 4]
+    drop = ("train_s",)  # seconds differ; everything measured must not
+    assert ([{k: v for k, v in r.items() if k not in drop} for r in resumed["evaluations"]]
+            == [{k: v for k, v in r.items() if k not in drop} for r in full["evaluations"]])
+    assert resumed["train"] == full["train"]
