@@ -60,8 +60,10 @@ def matched_config(run: Path):
 
 
 def steps_per_epoch(cfg) -> int:
-    """Optimizer steps of one GRPO epoch (one process): minibatches per inner epoch × inner epochs."""
-    return math.ceil(cfg.prompts_per_epoch * cfg.group_size / cfg.grpo.minibatch_size) * cfg.grpo.inner_epochs
+    """Optimizer steps of one GRPO epoch (one process) that carry the replay term: minibatches per
+    inner epoch × inner epochs, plus the replay-only ``ptx.extra_steps``."""
+    return (math.ceil(cfg.prompts_per_epoch * cfg.group_size / cfg.grpo.minibatch_size) * cfg.grpo.inner_epochs
+            + cfg.ptx.extra_steps)
 
 
 def train_control(cfg, epochs: int, out: Path) -> dict:

@@ -43,7 +43,7 @@ ALGOS = {
     "grpo": ("flow_grpo.yaml", ["grpo.minibatch_size=4", "grpo.clip_range=0.2", "grpo.adv_std=global"]),
     # pretraining-data replay: each rank adds its own renders' flow-matching loss to its gradient
     "grpo_ptx": ("flow_grpo.yaml", ["grpo.minibatch_size=4", "grpo.clip_range=0.2", "ptx.weight=0.5",
-                                    "ptx.batch_size=2"]),
+                                    "ptx.batch_size=2", "ptx.extra_steps=1"]),
     "crd": (None, ["algorithm=crd", "rollout.sampler=flow_sde", "crd.groups_per_microbatch=1", "crd.beta_kl=0.01",
                    "crd.beta_min=0.001", "crd.kl_guidance=1.0"]),
 }

@@ -128,7 +128,7 @@ def test_render_replay_keeps_ranks_in_sync_resumes_exactly_and_moves_the_update(
     plain = _load(runs, "dist/grpo_rank0.pt")["params"]  # the same run without replay: other weights
     assert any(not torch.equal(plain[k], p0[k]) for k in p0)
     rows = _metrics(runs["root"] / "dist" / "grpo_ptx_run")
-    assert all(r["ptx/loss"] > 0 for r in rows if "policy_loss" in r)
+    assert all(r["ptx/loss"] > 0 and r["ptx/extra_loss"] > 0 for r in rows if "policy_loss" in r)
 
 
 def test_every_rank_resumes_from_the_same_checkpoint_exactly(runs):

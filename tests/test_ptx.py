@@ -106,6 +106,27 @@ def test_replay_gradient_adds_to_the_policy_gradient_in_proportion_to_its_weight
         assert torch.allclose(both[k], pg[k] + rep1[k], atol=1e-6, rtol=1e-4), k
 
 
+def test_extra_steps_are_plain_replay_gradient_steps():
+    """Known answer: one replay-only step under plain SGD at lr 1 (no clipping) moves every weight
+    by minus the gradient of weight · L_FM on the batch the same generator draws."""
+    pol, ref = tiny_policy(2), tiny_policy(2)
+    replay = RenderReplay(PTXConfig(weight=0.5, batch_size=4, extra_steps=1))
+    before = {k: v.detach().clone() for k, v in pol.trainable_state().items()}
+    m = replay.extra_steps(pol, torch.optim.SGD(list(pol.trainable_parameters()), lr=1.0),
+                           torch.Generator().manual_seed(3), 1e9)
+    loss, _ = replay(ref, torch.Generator().manual_seed(3))
+    loss.backward()
+    grads = {k: p.grad for k, p in ref.trainable_state().items()}
+    moved = 0
+    for k, v in pol.trainable_state().items():
+        g = grads.get(k)
+        expected = torch.zeros_like(v) if g is None else -g
+        assert torch.allclose(v - before[k], expected, atol=1e-6, rtol=1e-4), k
+        moved += int(bool((v - before[k]).abs().sum()))
+    assert moved > 0 and m["ptx/extra_loss"] == pytest.approx(loss.item() / 0.5, rel=1e-5)
+    assert RenderReplay(PTXConfig(weight=0.5)).extra_steps(pol, None, torch.Generator(), 1.0) == {}
+
+
 def test_ptx_settings_are_checked_with_the_fix():
     with pytest.raises(ConfigError, match="ptx.timesteps"):
         PTXConfig(timesteps="cosine")
@@ -113,5 +134,7 @@ def test_ptx_settings_are_checked_with_the_fix():
         PTXConfig(split="validation")
     with pytest.raises(ConfigError, match="ptx.weight: 0"):
         load_config(TrainConfig, None, ["algorithm=crd", "ptx.weight=0.1"]).validate()
+    with pytest.raises(ConfigError, match="ptx.weight > 0"):
+        load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", ["ptx.extra_steps=3"]).validate()
     cfg = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", ["ptx.weight=0.1", "ptx.batch_size=8"])
     assert cfg.ptx.weight == 0.1 and cfg.ptx.batch_size == 8

@@ -40,7 +40,7 @@ def _losses(run):
     ["rollout.sampler=ddim", "rollout.noise_level=1.0", "algorithm=ddpo", "grpo.advantage=per_prompt_running",
      "grpo.running_min_count=2"],
     ["rollout.sampler=flow_sde", "task_sampling=adaptive", "task_sampling_floor=0.2"],  # curriculum state resumes
-    ["rollout.sampler=flow_sde", "ptx.weight=0.5", "ptx.batch_size=3"],  # render replay draws resume too
+    ["rollout.sampler=flow_sde", "ptx.weight=0.5", "ptx.batch_size=3", "ptx.extra_steps=2"],  # replay draws resume too
 ])
 def test_training_changes_parameters_and_resume_is_exact(tmp_path, tiny_model, sampler_args):
     full = tmp_path / "full"

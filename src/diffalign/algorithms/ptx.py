@@ -12,6 +12,10 @@ reference; the replay term keeps the data distribution in every gradient. On Sha
 base is also under-trained (docs/results.md, round 17), so the term adds data the RL loop
 cannot produce: its contribution is measured by a renders-only control with the same budget.
 
+``extra_steps`` adds replay-only optimizer steps after each epoch's update (no rollouts, so
+about a second each on the ShapesWorld model): inside the update the term gets only the policy
+gradient's few steps per epoch (docs/results.md, round 18).
+
 Multi-process: each process draws its own renders from its own update generator; the
 gradients are averaged over processes with the policy gradient's, so ``batch_size`` counts
 renders per optimizer step per process, like ``grpo.minibatch_size`` counts samples.
@@ -45,14 +49,19 @@ class PTXConfig:
     """σ distribution of the replay loss: ``logit_normal`` (σ = sigmoid(N(0,1)), pretraining's) or ``uniform``."""
     cond_dropout: float = ranged(0.1, ge=0, le=1)
     """Probability of replacing a caption by the empty prompt (pretraining's 0.1 keeps CFG's branch trained)."""
+    extra_steps: int = ranged(0, ge=0)
+    """Replay-only optimizer steps after each epoch's policy-gradient update (each on its own
+    ``batch_size`` renders, loss ``weight · L_FM``, the same gradient clip). Replay inside the
+    update gets only the policy gradient's few steps; these cheap steps (no rollouts) add more."""
 
     def __post_init__(self) -> None:
         if self.timesteps not in PTX_TIMESTEPS:
             raise ConfigError(f"ptx.timesteps must be one of {', '.join(PTX_TIMESTEPS)}, got {self.timesteps!r}")
         if self.split not in ("train", "test", "ood"):
             raise ConfigError(f"ptx.split must be train, test or ood, got {self.split!r}")
-        if self.weight < 0 or self.batch_size < 1 or not 0 <= self.cond_dropout <= 1:
-            raise ConfigError("ptx.weight must be >= 0, ptx.batch_size >= 1 and ptx.cond_dropout in [0, 1]")
+        if self.weight < 0 or self.batch_size < 1 or not 0 <= self.cond_dropout <= 1 or self.extra_steps < 0:
+            raise ConfigError("ptx.weight must be >= 0, ptx.batch_size >= 1, ptx.cond_dropout in [0, 1] and "
+                              "ptx.extra_steps >= 0")
 
 
 def render_replay_batch(split: str, n: int, image_size: int, generator: torch.Generator,
@@ -110,3 +119,22 @@ class RenderReplay:
         loss = flow_matching_loss(policy, x0, prompts, generator, timesteps=c.timesteps,
                                   cond_dropout=c.cond_dropout, autocast_bf16=self.autocast_bf16)
         return c.weight * loss, {"ptx/loss": float(loss.detach())}
+
+    def extra_steps(self, policy, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                    max_grad_norm: float) -> dict[str, float]:
+        """``config.extra_steps`` replay-only optimizer steps (gradients averaged over processes,
+        then clipped); returns their mean loss and gradient norm (empty when there are none)."""
+        from diffalign.sharding import reduce_clip_step
+
+        n = self.config.extra_steps
+        if n == 0:
+            return {}
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        loss_sum = norm_sum = 0.0
+        for _ in range(n):
+            optimizer.zero_grad(set_to_none=True)
+            loss, m = self(policy, generator)
+            loss.backward()
+            norm_sum += reduce_clip_step(optimizer, params, max_grad_norm)
+            loss_sum += m["ptx/loss"]
+        return {"ptx/extra_loss": loss_sum / n, "ptx/extra_grad_norm": norm_sum / n}

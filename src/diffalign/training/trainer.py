@@ -209,6 +209,9 @@ class TrainConfig:
             raise ConfigError("task_sampling_floor must be in [0, 1] and task_sampling_decay in [0, 1)")
         if self.task_weights is not None:
             self._check_task_weights()
+        if self.ptx.extra_steps > 0 and self.ptx.weight <= 0:
+            raise ConfigError(f"ptx.extra_steps={self.ptx.extra_steps} replays renders with the loss weight ptx.weight, "
+                              "which is 0; set ptx.weight > 0 (e.g. 0.1) or ptx.extra_steps: 0")
         if self.ptx.weight > 0 and (self.algorithm in ("crd", "diffusion_nft") or self.model_family != "tiny"):
             raise ConfigError(f"ptx (pretraining-data replay) adds ShapesWorld renders to the GRPO family's update; "
                               f"algorithm={self.algorithm}, model_family={self.model_family} has no such update or "
@@ -496,7 +499,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = epoch_lr(cfg, epoch)
         update_gen = gen if self.world.rank == 0 else epoch_generator(cfg.seed, epoch, self.world.rank)
-        metrics = _mean_over_ranks(self.algo.update(self.policy, self.optimizer, traj, adv, update_gen))
+        metrics = self.algo.update(self.policy, self.optimizer, traj, adv, update_gen)
+        if isinstance(getattr(self.algo, "auxiliary", None), RenderReplay):  # replay-only steps (ptx.extra_steps)
+            metrics |= self.algo.auxiliary.extra_steps(self.policy, self.optimizer, update_gen, cfg.grpo.max_grad_norm)
+        metrics = _mean_over_ranks(metrics)
         check_in_sync(self.policy.trainable_parameters())
         if cfg.ema_decay > 0:
             self.policy.ema_snapshot("ema", cfg.ema_decay)
