@@ -68,14 +68,12 @@ def steps_per_epoch(cfg) -> int:
 
 def train_control(cfg, epochs: int, out: Path) -> dict:
     """``epochs`` epochs of the replay term alone, in ``out`` (a Trainer run directory)."""
-    from diffalign.sharding import reduce_clip_step
     from diffalign.training.trainer import Trainer, epoch_generator, epoch_lr
 
     cfg.epochs, cfg.max_train_minutes, cfg.eval.every = epochs, None, 0
     resume = (out / "config.yaml").is_file() and any((out / "checkpoints").glob("step_*"))
     tr = Trainer(cfg, out, resume=resume)
     replay = tr.algo.auxiliary
-    params = [p for g in tr.optimizer.param_groups for p in g["params"]]
     n = steps_per_epoch(cfg)
     try:
         for epoch in range(tr.start_epoch, epochs):
@@ -84,21 +82,15 @@ def train_control(cfg, epochs: int, out: Path) -> dict:
             tr.policy.train()
             for group in tr.optimizer.param_groups:
                 group["lr"] = epoch_lr(cfg, epoch)
-            losses, norms = [], []
-            for _ in range(n):
-                tr.optimizer.zero_grad(set_to_none=True)
-                loss, m = replay(tr.policy, gen)
-                loss.backward()
-                norms.append(reduce_clip_step(tr.optimizer, params, cfg.grpo.max_grad_norm))
-                losses.append(m["ptx/loss"])
+            m = replay.extra_steps(tr.policy, tr.optimizer, gen, cfg.grpo.max_grad_norm, n)
             if cfg.ema_decay > 0:
                 tr.policy.ema_snapshot("ema", cfg.ema_decay)
             tr.train_time += time.perf_counter() - t0
-            tr.logger.log(epoch + 1, {"ptx/loss": sum(losses) / n, "grad_norm": sum(norms) / n,
+            tr.logger.log(epoch + 1, {"ptx/loss": m["ptx/extra_loss"], "grad_norm": m["ptx/extra_grad_norm"],
                                       "lr": epoch_lr(cfg, epoch), "train_time_s": tr.train_time})
             if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == epochs:
                 tr._save(epoch + 1)
-            print(f"[ptx_control] epoch {epoch + 1}/{epochs}  replay loss {sum(losses) / n:.4f}  "
+            print(f"[ptx_control] epoch {epoch + 1}/{epochs}  replay loss {m['ptx/extra_loss']:.4f}  "
                   f"{tr.train_time / 60:.1f} min", file=sys.stderr, flush=True)
     finally:
         tr.run.unlock()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffalign.algorithms.nft import forward_noising
 from diffalign.config import ranged
 from diffalign.errors import ConfigError
 
@@ -92,12 +93,11 @@ def flow_matching_loss(policy, x0: Tensor, prompts: list[str], generator: torch.
     noise = torch.randn(x0.shape, generator=generator)
     drop = torch.rand(b, generator=generator) < cond_dropout
     cond = policy.encode([("" if d else p) for p, d in zip(prompts, drop.tolist(), strict=True)])
-    sigma, noise = sigma.to(x0.device), noise.to(x0.device)
-    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-    x_t = (1 - s) * x0 + s * noise
+    sigma = sigma.to(x0.device)
+    x_t, v_target = forward_noising(x0, sigma, noise.to(x0.device))
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
         v = policy.predict(x_t, sigma, cond)
-    return ((v.float() - (noise - x0).float()) ** 2).mean()
+    return ((v.float() - v_target.float()) ** 2).mean()
 
 
 class RenderReplay:
@@ -121,12 +121,13 @@ class RenderReplay:
         return c.weight * loss, {"ptx/loss": float(loss.detach())}
 
     def extra_steps(self, policy, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                    max_grad_norm: float) -> dict[str, float]:
-        """``config.extra_steps`` replay-only optimizer steps (gradients averaged over processes,
-        then clipped); returns their mean loss and gradient norm (empty when there are none)."""
+                    max_grad_norm: float, n: int | None = None) -> dict[str, float]:
+        """``n`` (default ``config.extra_steps``) replay-only optimizer steps (gradients averaged
+        over processes, then clipped); returns their mean loss and gradient norm (empty when
+        there are none)."""
         from diffalign.sharding import reduce_clip_step
 
-        n = self.config.extra_steps
+        n = self.config.extra_steps if n is None else n
         if n == 0:
             return {}
         params = [p for g in optimizer.param_groups for p in g["params"]]
