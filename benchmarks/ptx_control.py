@@ -14,7 +14,9 @@ rollouts added.
 ``--match RUN`` reads the run's ``config.yaml`` and how many epochs it trained; the control
 takes ``optimizer steps per epoch × epochs`` replay steps, each with the run's ``ptx.batch_size``
 renders, at each epoch's learning rate. Checkpoints every ``ckpt_every`` epochs: a rerun of the
-same command resumes. Prints JSON and a markdown table (control, run, base when ``--base`` names
+same command resumes. ``--set KEY=VALUE`` changes a setting of the control (all weights with
+``lora_rank=0``, another ``lr`` or ``ema_decay``) to separate what the run's policy settings learn
+from renders. Prints JSON and a markdown table (control, run, base when ``--base`` names
 an evaluated base directory) and writes them with ``--json``.
 """
 
@@ -39,17 +41,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--base", default=None, help="an evaluated base directory (its eval.json) for the table")
     ap.add_argument("--json", default=None, help="also write the result JSON here (and the table beside it as .md)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs to match (default: what the run trained)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="change the control's settings from the run's (repeatable), e.g. --set lora_rank=0 "
+                         "--set lr=8e-5 to ask whether all weights learn the renders where the adapters do not")
     return ap.parse_args(argv)
 
 
-def matched_config(run: Path):
-    """The run's TrainConfig (its saved config.yaml) and the epochs it trained."""
+def matched_config(run: Path, overrides: list[str] | None = None):
+    """The run's TrainConfig (its saved config.yaml, then ``overrides``) and the epochs it trained."""
     from diffalign.config import load_config
     from diffalign.errors import ConfigError
     from diffalign.training.rundir import read_metrics
     from diffalign.training.trainer import TrainConfig
 
-    cfg = load_config(TrainConfig, run / "config.yaml", [])
+    cfg = load_config(TrainConfig, run / "config.yaml", list(overrides or []))
     if cfg.ptx.weight <= 0:
         raise ConfigError(f"{run} trained without pretraining-data replay (ptx.weight 0); nothing to control for")
     if cfg.algorithm in ("crd", "diffusion_nft"):
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffalign.evaluation.report import evaluate
 
     run, out = Path(args.match), Path(args.out)
-    cfg, epochs = matched_config(run)
+    cfg, epochs = matched_config(run, args.overrides)
     epochs = args.epochs or epochs
     info = train_control(cfg, epochs, out)
     g = run_guidance(run, None)
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
                   file=sys.stderr)
         else:
             rows["base"] = eval_figures(base_ev)
-    result = {"match": str(run), "control": info, "ptx": {"weight": cfg.ptx.weight, "batch_size": cfg.ptx.batch_size},
+    result = {"match": str(run), "overrides": list(args.overrides), "control": info, "ptx": {"weight": cfg.ptx.weight, "batch_size": cfg.ptx.batch_size},
               "eval_images": args.eval_images, "guidance_scale": g, "rows": rows}
     table = markdown(result)
     print(json.dumps(result, indent=2))
@@ -138,8 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def markdown(result: dict) -> str:
     c = result["control"]
+    changed = f" (changed from the run: {', '.join(result['overrides'])})" if result.get("overrides") else ""
     lines = [f"Renders-only control: {c['optimizer_steps']} optimizer steps, {c['renders']:,} renders, "
-             f"{c['train_minutes']:.1f} min; {result['eval_images']} images per split, CFG {result['guidance_scale']:g}",
+             f"{c['train_minutes']:.1f} min; {result['eval_images']} images per split, CFG {result['guidance_scale']:g}"
+             + changed,
              "", "| | test | OOD | missing / img | high-level halluc. / img | flat-region noise | diversity |",
              "|---|---|---|---|---|---|---|"]
     keys = ("test_score", "ood_score", "missing", "high_level_hallucination", "flat_noise", "diversity")

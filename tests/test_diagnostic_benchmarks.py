@@ -457,6 +457,33 @@ def test_ptx_control_trains_the_matched_replay_steps_alone_and_resumes(tmp_path,
     assert all(torch.equal(load_checkpoint(tmp_path / "control")["policy"][k], control[k]) for k in control)
 
 
+def test_ptx_control_set_changes_the_controls_settings_only(tmp_path, tiny_model):
+    """``--set lora_rank=0 --set lr=...`` trains every weight of the control at that rate, for
+    the run's step count, and says so in its JSON and table; the run's own config is untouched."""
+    from diffalign.config import load_config
+    from diffalign.training.rundir import load_checkpoint
+    from diffalign.training.trainer import TrainConfig, Trainer
+
+    run = tmp_path / "run"
+    cfg = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
+        f"model={tiny_model}", "lora_rank=4", "epochs=1", "prompts_per_epoch=2", "group_size=4", "rollout.steps=3",
+        "rollout.sde_window=null", "eval.every=0", "eval.num_images=4", "eval.steps=2", "grpo.minibatch_size=4",
+        "reward=jpeg_incompressibility", "reward_kwargs={}", "ptx.weight=0.5", "ptx.batch_size=2", "ckpt_every=1"])
+    Trainer(cfg, run).train()
+    out = load_benchmark("ptx_control").main([
+        "--match", str(run), "--out", str(tmp_path / "control"), "--eval-images", "4", "--eval-steps", "2",
+        "--set", "lora_rank=0", "--set", "lr=1e-4", "--json", str(tmp_path / "c.json")])
+    assert out["overrides"] == ["lora_rank=0", "lr=1e-4"] and out["control"]["optimizer_steps"] == 2
+    control = load_checkpoint(tmp_path / "control")["policy"]
+    lora = load_checkpoint(run)["policy"]
+    assert not any("lora" in k for k in control) and all("lora" in k for k in lora)
+    assert sum(v.numel() for v in control.values()) > 5 * sum(v.numel() for v in lora.values())
+    saved = load_config(TrainConfig, tmp_path / "control" / "config.yaml", [])
+    assert saved.lora_rank == 0 and saved.lr == 1e-4
+    assert load_config(TrainConfig, run / "config.yaml", []).lora_rank == 4
+    assert "changed from the run: lora_rank=0, lr=1e-4" in (tmp_path / "c.md").read_text()
+
+
 def test_fixed_prompts_resumes_from_its_last_evaluation_exactly(tmp_path, tiny_model):
     """A stopped (here: shorter) fixed-prompts run continued by the same command gives the rows
     of an uninterrupted run, evaluations and training rewards alike."""
