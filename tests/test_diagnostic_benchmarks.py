@@ -423,6 +423,20 @@ def test_pretrain_ceiling_continues_pretraining_from_weights_and_judges_its_snap
         bench.main([*args[:6], "--eval-steps", "0,3"])
 
 
+def _tiny_ptx_run(run, tiny_model, *, epochs: int, renders: int):
+    """A trained tiny Flow-GRPO run with render replay (LoRA r 4, 8 samples per epoch, minibatch 4)."""
+    from diffalign.config import load_config
+    from diffalign.training.trainer import TrainConfig, Trainer
+
+    cfg = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
+        f"model={tiny_model}", "lora_rank=4", f"epochs={epochs}", "prompts_per_epoch=2", "group_size=4",
+        "rollout.steps=3", "rollout.sde_window=null", "eval.every=0", "eval.num_images=4", "eval.steps=2",
+        "grpo.minibatch_size=4", "reward=jpeg_incompressibility", "reward_kwargs={}", "ptx.weight=0.5",
+        f"ptx.batch_size={renders}", "ckpt_every=1"])
+    Trainer(cfg, run).train()
+    return run
+
+
 def test_ptx_control_trains_the_matched_replay_steps_alone_and_resumes(tmp_path, tiny_model):
     """The renders-only control of a ptx run: the run's policy settings, its epochs × optimizer
     steps of replay alone, evaluated with the run's protocol; a rerun resumes (nothing to train)."""
@@ -430,12 +444,7 @@ def test_ptx_control_trains_the_matched_replay_steps_alone_and_resumes(tmp_path,
     from diffalign.training.rundir import load_checkpoint, read_metrics
     from diffalign.training.trainer import TrainConfig, Trainer
 
-    run = tmp_path / "run"
-    cfg = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
-        f"model={tiny_model}", "lora_rank=4", "epochs=2", "prompts_per_epoch=2", "group_size=4", "rollout.steps=3",
-        "rollout.sde_window=null", "eval.every=0", "eval.num_images=4", "eval.steps=2", "grpo.minibatch_size=4",
-        "reward=jpeg_incompressibility", "reward_kwargs={}", "ptx.weight=0.5", "ptx.batch_size=3", "ckpt_every=1"])
-    Trainer(cfg, run).train()
+    run = _tiny_ptx_run(tmp_path / "run", tiny_model, epochs=2, renders=3)
     bench = load_benchmark("ptx_control")
     args = ["--match", str(run), "--out", str(tmp_path / "control"), "--eval-images", "8", "--eval-steps", "2",
             "--json", str(tmp_path / "c.json")]
@@ -462,14 +471,9 @@ def test_ptx_control_set_changes_the_controls_settings_only(tmp_path, tiny_model
     the run's step count, and says so in its JSON and table; the run's own config is untouched."""
     from diffalign.config import load_config
     from diffalign.training.rundir import load_checkpoint
-    from diffalign.training.trainer import TrainConfig, Trainer
+    from diffalign.training.trainer import TrainConfig
 
-    run = tmp_path / "run"
-    cfg = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
-        f"model={tiny_model}", "lora_rank=4", "epochs=1", "prompts_per_epoch=2", "group_size=4", "rollout.steps=3",
-        "rollout.sde_window=null", "eval.every=0", "eval.num_images=4", "eval.steps=2", "grpo.minibatch_size=4",
-        "reward=jpeg_incompressibility", "reward_kwargs={}", "ptx.weight=0.5", "ptx.batch_size=2", "ckpt_every=1"])
-    Trainer(cfg, run).train()
+    run = _tiny_ptx_run(tmp_path / "run", tiny_model, epochs=1, renders=2)
     out = load_benchmark("ptx_control").main([
         "--match", str(run), "--out", str(tmp_path / "control"), "--eval-images", "4", "--eval-steps", "2",
         "--set", "lora_rank=0", "--set", "lr=1e-4", "--json", str(tmp_path / "c.json")])
