@@ -11,7 +11,11 @@ SDE window, the gradient norm (over the trainable parameters) of
 - the CPGO term at λ = 1 (applied to every sample: gate and probability off),
 
 and the CPGO distance itself. λ that puts the CPGO gradient at a fraction f of the policy
-gradient is ``f·|∇policy| / |∇CPGO(λ=1)|``.
+gradient is ``f·|∇policy| / |∇CPGO(λ=1)|``. The distance is the preset's ``cpgo.distance``.
+
+It also measures the CPGO term at λ = 1 at every step of the trajectory (``all_steps``, ODE steps
+included: where ``cpgo.steps: gated`` applies it), against the mean policy gradient over the SDE
+steps, and reads the preset's λ (with its probability) as a fraction of that gradient.
 
     python benchmarks/cpgo_scale.py --preset consistent_rft --prompts 4 --set reward=shapes_score --set reward_kwargs={}
 
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffalign.algorithms.flow_grpo import _kl
     from diffalign.algorithms.grpo import ppo_clip_loss
     from diffalign.config import load_config
-    from diffalign.sampling.rollout import recompute_step
+    from diffalign.sampling.rollout import predict_x0, recompute_step
     from diffalign.training.trainer import TrainConfig, Trainer, epoch_generator, sample_prompts_with_tasks
 
     cfg = load_config(TrainConfig, f"configs/shapes/{args.preset}.yaml",
@@ -71,19 +75,37 @@ def main(argv: list[str] | None = None) -> dict:
                 ref_step, _, _ = recompute_step(policy, traj, idx, k, cond=cond)
             kl = cfg.grpo.beta_kl * _kl(step, ref_step, traj, k).mean()
             target = traj.next_x0_pred()[idx, k]
-            cp, m = cpgo_loss(x0, target, 1.0)
+            cp, m = cpgo_loss(x0, target, 1.0, cfg.cpgo.distance)
             g_pol, g_kl, g_cp = grad_norm(pol, params), grad_norm(kl, params), grad_norm(cp, params)
             rows.append({"k": k_int, "sigma": float(traj.sigmas[k_int]), "grad_policy": g_pol, "grad_kl": g_kl,
                          "grad_cpgo_lambda1": g_cp, "cpgo_dist": float(m["cpgo_dist"]),
                          "lambda_for_10pct": 0.1 * g_pol / g_cp, "lambda_for_30pct": 0.3 * g_pol / g_cp})
+        mean_pol = sum(r["grad_policy"] for r in rows) / len(rows)
+        all_steps = []
+        for k_int in range(traj.num_steps):
+            k = torch.full((len(idx),), k_int)
+            x0 = predict_x0(policy, traj, idx, k, cond=cond)
+            cp, m = cpgo_loss(x0, traj.next_x0_pred()[idx, k], 1.0, cfg.cpgo.distance)
+            g_cp = grad_norm(cp, params)
+            all_steps.append({"k": k_int, "sigma": float(traj.sigmas[k_int]), "sde": bool(traj.sde_mask[k_int]),
+                              "grad_cpgo_lambda1": g_cp, "cpgo_dist": float(m["cpgo_dist"]),
+                              "preset_lambda_vs_policy": cfg.cpgo.weight * cfg.cpgo.prob * g_cp / mean_pol})
     out = {"preset": args.preset, "overrides": args.overrides, "images": len(traj),
-           "reward_mean": float(rewards.mean()), "steps": rows}
+           "reward_mean": float(rewards.mean()), "distance": cfg.cpgo.distance, "cpgo_weight": cfg.cpgo.weight,
+           "cpgo_prob": cfg.cpgo.prob, "mean_grad_policy": mean_pol, "steps": rows, "all_steps": all_steps}
     print(json.dumps(out, indent=1))
     print("\n| k | σ_k | ‖∇ policy‖ | ‖∇ β_KL·KL‖ | ‖∇ CPGO(λ=1)‖ | CPGO dist | λ for 10 % | λ for 30 % |", file=sys.stderr)
     print("|---|---|---|---|---|---|---|---|", file=sys.stderr)
     for r in rows:
         print(f"| {r['k']} | {r['sigma']:.3f} | {r['grad_policy']:.3g} | {r['grad_kl']:.3g} | {r['grad_cpgo_lambda1']:.3g} "
               f"| {r['cpgo_dist']:.3g} | {r['lambda_for_10pct']:.3g} | {r['lambda_for_30pct']:.3g} |", file=sys.stderr)
+    print(f"\nEvery step, distance {cfg.cpgo.distance}; preset λ·p = {cfg.cpgo.weight}·{cfg.cpgo.prob} vs the mean "
+          f"policy gradient {mean_pol:.3g}:\n", file=sys.stderr)
+    print("| k | σ_k | SDE | ‖∇ CPGO(λ=1)‖ | CPGO dist | λ·p·‖∇ CPGO‖ / ‖∇ policy‖ |", file=sys.stderr)
+    print("|---|---|---|---|---|---|", file=sys.stderr)
+    for r in all_steps:
+        print(f"| {r['k']} | {r['sigma']:.2f} | {'yes' if r['sde'] else 'no'} | {r['grad_cpgo_lambda1']:.3g} | "
+              f"{r['cpgo_dist']:.3g} | {r['preset_lambda_vs_policy']:.3g} |", file=sys.stderr)
     return out
 
 

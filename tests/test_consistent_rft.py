@@ -113,9 +113,22 @@ def test_cpgo_scale_benchmark_measures_each_trainable_step(tmp_path, monkeypatch
     bench = load_benchmark("cpgo_scale")
     monkeypatch.chdir(root)
     out = bench.main(["--preset", "consistent_rft", "--prompts", "2", "--set", f"model={model}", "--set", "group_size=2",
-                      "--set", "rollout.steps=3", "--set", "rollout.sde_window=[0,2]", "--set", "lora_rank=0",
+                      "--set", "rollout.steps=4", "--set", "rollout.sde_window=[0,2]", "--set", "lora_rank=0",
                       "--set", "reward=jpeg_incompressibility", "--set", "reward_kwargs={}"])
     assert out["images"] == 4 and [r["k"] for r in out["steps"]] == [0, 1]
     for r in out["steps"]:
         assert r["grad_policy"] > 0 and r["grad_cpgo_lambda1"] > 0 and r["cpgo_dist"] > 0
         assert r["lambda_for_10pct"] == pytest.approx(0.1 * r["grad_policy"] / r["grad_cpgo_lambda1"])
+    # every step (ODE steps 2, 3 included), read against the mean policy gradient with the preset's λ·p
+    assert [r["k"] for r in out["all_steps"]] == [0, 1, 2, 3]
+    assert [r["sde"] for r in out["all_steps"]] == [True, True, False, False]
+    mean_pol = sum(r["grad_policy"] for r in out["steps"]) / 2
+    assert out["mean_grad_policy"] == pytest.approx(mean_pol)
+    # the last Euler step lands exactly on x̂0(x_{T-1}), the CPGO target there: no distance, no gradient
+    assert out["all_steps"][3]["cpgo_dist"] == pytest.approx(0, abs=1e-10)
+    for r in out["all_steps"]:
+        assert r["grad_cpgo_lambda1"] > 0 or r["k"] == 3
+        assert r["preset_lambda_vs_policy"] == pytest.approx(1e-4 * 0.2 * r["grad_cpgo_lambda1"] / mean_pol)
+    # the SDE steps' CPGO gradient is the same whether measured through recompute_step or predict_x0
+    for a, b in zip(out["steps"], out["all_steps"][:2], strict=True):
+        assert b["grad_cpgo_lambda1"] == pytest.approx(a["grad_cpgo_lambda1"], rel=1e-4)

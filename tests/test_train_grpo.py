@@ -175,6 +175,22 @@ def test_consistent_rft_runs_and_logs_granularity(tmp_path, tiny_model):
     assert rows and all(r["cpgo_dist"] > 0 and r["dgr/coarse_fraction"] == 0.5 for r in rows)
 
 
+def test_consistent_rft_authors_placement_trains_cpgo_on_ode_steps(tmp_path, tiny_model):
+    """The shipped preset: SDE on step 0 only, CPGO (gated, σ ≤ 0.6, mse) on the ODE steps below
+    the gate, by its own forward. It changes the update (vs the same run with λ = 0) and logs."""
+    over = [f"model={tiny_model}", "lora_rank=0", "epochs=1", "prompts_per_epoch=2", "group_size=4", "rollout.steps=5",
+            "rollout.sde_window=[0,1]", "eval.num_images=4", "eval.steps=2", "eval.every=0", "grpo.minibatch_size=4",
+            "reward=jpeg_incompressibility", "reward_kwargs={}", "cpgo.prob=1.0", "lr=1e-3", "lr_schedule=constant"]
+    cfg = load_config(TrainConfig, "configs/shapes/consistent_rft.yaml", over)
+    assert (cfg.cpgo.steps, cfg.cpgo.sigma_gate, cfg.cpgo.distance, cfg.cpgo.weight) == ("gated", 0.6, "mse", 0.1)
+    Trainer(cfg, tmp_path / "on").train()
+    Trainer(load_config(TrainConfig, "configs/shapes/consistent_rft.yaml", [*over, "cpgo.weight=0"]), tmp_path / "off").train()
+    rows = [r for r in read_metrics(tmp_path / "on" / "metrics.jsonl") if "cpgo_applied" in r]
+    assert rows and all(r["cpgo_applied"] == 1.0 and r["cpgo_dist"] > 0 for r in rows)
+    pa, pb = load_checkpoint(tmp_path / "on")["policy"], load_checkpoint(tmp_path / "off")["policy"]
+    assert any(not torch.equal(pa[k], pb[k]) for k in pa)
+
+
 def test_lora_training_moves_only_adapters_and_reference_stays_base(tmp_path, tiny_model):
     run = tmp_path / "lora"
     trainer = Trainer(_cfg(tiny_model, "epochs=2", "lora_rank=4", "ema_decay=0.5"), run)

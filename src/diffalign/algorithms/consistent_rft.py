@@ -13,6 +13,14 @@ estimate one step later, a more stable prior::
     L_c = λ · mean_i ‖x̂0_θ(x_k)_i − sg(x̂0_old(x_{k+1}))_i‖₂
 
 (or, with ``distance: mse``, the per-dimension mean of the squared difference) applied only at steps with ``σ_k ≤ gate``, each time with probability ``p``.
+
+Where (``cpgo.steps``): ``trained`` evaluates it on the step GRPO is training (a stochastic step
+inside the SDE window, reusing that forward pass); ``gated`` draws, for each sample chosen with
+probability ``p``, a stored step with ``σ_k ≤ gate`` (ODE steps included) and runs the policy
+there (one extra forward on the chosen samples). With the SDE on the early, high-σ steps only
+``gated`` can reach the authors' gate (σ ≤ 0.6); it also keeps the injected SDE noise out of the
+target: after an ODE step ``x̂0_old(x_{k+1})`` is a deterministic function of ``x_k``, after an
+SDE step it carries ``∂x̂0/∂x · s_k·ε_k``, white noise the loss pulls the prediction towards.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from torch import Tensor
 
 from diffalign.config import ranged
 from diffalign.errors import ConfigError
-from diffalign.sampling.rollout import Trajectory
+from diffalign.sampling.rollout import Trajectory, predict_x0
 
 CPGO_DISTANCES = ("l2", "mse")
 
@@ -114,21 +122,34 @@ class CPGOConfig:
     """Probability of applying it at a given (sample, step)."""
     distance: Literal["l2", "mse"] = "l2"
     """l2: per-sample L2 norm (ALGORITHMS.md); mse: per-dimension mean of the squared difference."""
+    steps: Literal["trained", "gated"] = "trained"
+    """trained: on the SDE step being trained (its forward reused); gated: on a stored step with
+    σ ≤ sigma_gate drawn per chosen sample, ODE steps included (an extra forward)."""
 
     def __post_init__(self) -> None:
         if self.weight < 0 or not 0 <= self.prob <= 1:
             raise ConfigError(f"cpgo.weight must be >= 0 and cpgo.prob in [0, 1]; got {self.weight}, {self.prob}")
         if self.distance not in CPGO_DISTANCES:
             raise ConfigError(f"cpgo.distance={self.distance!r}; choose one of {', '.join(CPGO_DISTANCES)}")
+        if self.steps not in ("trained", "gated"):
+            raise ConfigError(f"cpgo.steps={self.steps!r}; choose trained (the SDE step being trained) or "
+                              "gated (any stored step with sigma <= sigma_gate)")
 
 
 class CPGORegularizer:
-    """GRPO regularizer adding ``cpgo_loss`` on the gated, randomly selected (sample, step) pairs."""
+    """GRPO regularizer adding ``cpgo_loss`` on the gated, randomly selected (sample, step) pairs.
+
+    With ``steps: gated`` it needs the policy (``needs_policy``): the GRPO update then passes
+    ``policy``, the minibatch's ``cond`` and ``autocast_bf16``."""
 
     def __init__(self, config: CPGOConfig):
         self.config = config
+        self.needs_policy = config.steps == "gated"
 
-    def __call__(self, traj: Trajectory, idx: Tensor, k: Tensor, x0_pred: Tensor, generator: torch.Generator):
+    def __call__(self, traj: Trajectory, idx: Tensor, k: Tensor, x0_pred: Tensor, generator: torch.Generator,
+                 *, policy=None, cond=None, autocast_bf16: bool = False):
+        if self.needs_policy:
+            return self._gated(traj, idx, generator, policy, cond, autocast_bf16)
         c = self.config
         sigma = traj.sigmas.cpu()[k.cpu()]
         draw = torch.rand(len(idx), generator=generator)
@@ -137,3 +158,36 @@ class CPGORegularizer:
         loss, metrics = cpgo_loss(x0_pred, target, c.weight * mask.to(x0_pred.device).float(), c.distance)
         metrics["cpgo_applied"] = mask.float().mean()
         return loss, metrics
+
+    def gated_steps(self, traj: Trajectory) -> Tensor:
+        """``(S,)`` the stored steps ``k < T`` with ``σ_k ≤ sigma_gate``."""
+        steps = (traj.sigmas.cpu()[: traj.num_steps] <= self.config.sigma_gate + 1e-6).nonzero().flatten()
+        if len(steps) == 0:
+            raise ConfigError(f"cpgo.sigma_gate={self.config.sigma_gate} is below every step's sigma "
+                              f"(smallest {float(traj.sigmas[traj.num_steps - 1]):.3f}); raise the gate")
+        return steps
+
+    def draw(self, traj: Trajectory, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``steps: gated``'s draw for a minibatch of ``n``: the positions chosen (each with
+        probability ``prob``) and, for each, a step uniform over :meth:`gated_steps`."""
+        steps = self.gated_steps(traj)
+        chosen = (torch.rand(n, generator=generator) < self.config.prob).nonzero().flatten()
+        return chosen, steps[torch.randint(len(steps), (len(chosen),), generator=generator)]
+
+    def _gated(self, traj, idx, generator, policy, cond, autocast_bf16):
+        c = self.config
+        if policy is None:
+            raise ValueError("cpgo.steps=gated needs the policy: call with policy=, cond=")
+        chosen, kk = self.draw(traj, len(idx), generator)
+        device = traj.latents.device
+        metrics = {"cpgo_applied": torch.tensor(len(chosen) / max(len(idx), 1))}
+        if len(chosen) == 0:
+            zero = traj.latents.new_zeros(())
+            return zero, {**metrics, "cpgo_loss": zero}
+        sub_cond = None if cond is None else cond.index(chosen)
+        sel = idx.cpu()[chosen]
+        x0 = predict_x0(policy, traj, sel, kk, cond=sub_cond, autocast_bf16=autocast_bf16)
+        target = traj.next_x0_pred()[sel.to(device), kk.to(device)]
+        loss, m = cpgo_loss(x0, target, c.weight, c.distance)
+        loss = loss * (len(chosen) / len(idx))  # a mean over the minibatch, 0 for samples not chosen
+        return loss, {**metrics, "cpgo_dist": m["cpgo_dist"], "cpgo_loss": loss.detach()}

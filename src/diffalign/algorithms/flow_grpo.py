@@ -17,7 +17,8 @@ the reference is the base model (adapters off), run without gradient.
 
 Extra per-step terms (ConsistentRFT's CPGO) plug in as ``regularizers``: callables
 ``reg(traj, sample_idx, step_idx, x0_pred, generator) -> (loss, metrics)`` added to the
-step's loss. A ``granularity`` callable ``(epoch, num_groups, generator) -> (G,) bool | None``
+step's loss (one with ``needs_policy`` set also gets ``policy=``, ``cond=`` and
+``autocast_bf16=``: CPGO at steps outside the window). A ``granularity`` callable ``(epoch, num_groups, generator) -> (G,) bool | None``
 chooses per group whether the rollout shares one initial noise (ConsistentRFT's DGR).
 """
 
@@ -230,7 +231,11 @@ class GRPO:
             loss = loss + c.beta_kl * kl
             metrics["kl"] = float(kl.detach())
         for reg in self.regularizers:
-            extra, m = reg(traj, idx, k, x0, generator)
+            if getattr(reg, "needs_policy", False):
+                extra, m = reg(traj, idx, k, x0, generator, policy=policy, cond=cond,
+                               autocast_bf16=self.autocast_bf16)
+            else:
+                extra, m = reg(traj, idx, k, x0, generator)
             loss = loss + extra
             metrics.update({key: float(v) for key, v in m.items()})
         return loss, metrics

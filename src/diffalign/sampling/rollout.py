@@ -44,7 +44,7 @@ from diffalign.sampling.steps import (
     ode_step,
 )
 
-__all__ = ["FLOW_SAMPLERS", "SAMPLERS", "RolloutConfig", "Trajectory", "recompute_step", "rollout"]
+__all__ = ["FLOW_SAMPLERS", "SAMPLERS", "RolloutConfig", "Trajectory", "predict_x0", "recompute_step", "rollout"]
 
 FLOW_SAMPLERS = ("flow_sde", "dance_sde", "cps", "ode")
 SAMPLERS = (*FLOW_SAMPLERS, "ddim")
@@ -544,3 +544,45 @@ def recompute_step(
     out = _model_output(model, sched, x, k, cond, traj.guidance_scale, autocast_bf16)
     step = _transition(sched, x, out, k, prev_sample=prev)
     return step, out, _x0_estimate(sched, x, out, k)
+
+
+def predict_x0(
+    policy: Any,
+    traj: Trajectory,
+    sample_idx: IndexLike,
+    step_idx: IndexLike,
+    *,
+    cond: Any = None,
+    autocast_bf16: bool = False,
+) -> Tensor:
+    """The current policy's clean estimate ``x̂0_θ(x_k)`` at stored states, at any step.
+
+    Unlike :func:`recompute_step` it scores no transition, so ``k`` may be an ODE step (outside
+    the SDE window); one model forward, in the caller's grad mode. With unchanged parameters
+    (float32, no autocast) it equals ``traj.x0_pred[i, k]``.
+
+    Args:
+        policy: the policy (or ε-view) that made the rollout.
+        traj: the rollout.
+        sample_idx: ``(N,)`` trajectory indices.
+        step_idx: ``(N,)`` step indices in ``[0, T)``.
+        cond: conditioning of the ``N`` selected samples (default: ``policy.encode`` of their prompts).
+        autocast_bf16: run the model forward under bf16 autocast.
+
+    Returns:
+        ``(N, C, H, W)`` float32.
+    """
+    device = traj.latents.device
+    i = torch.as_tensor(sample_idx, dtype=torch.long, device=device).reshape(-1)
+    k = torch.as_tensor(step_idx, dtype=torch.long, device=device).reshape(-1)
+    if i.shape != k.shape:
+        raise ValueError(f"sample_idx and step_idx must have the same length; got {len(i)} and {len(k)}")
+    if len(k) and not (0 <= int(k.min()) and int(k.max()) < traj.num_steps):
+        raise ValueError(f"step_idx must lie in [0, {traj.num_steps}); got {k.tolist()}")
+    model = _model_for(policy, traj.sampler)
+    sched = _Schedule.from_trajectory(traj)
+    x = traj.latents[i, k]
+    if cond is None:
+        cond = model.encode([traj.prompts[j] for j in i.tolist()])
+    out = _model_output(model, sched, x, k, cond, traj.guidance_scale, autocast_bf16)
+    return _x0_estimate(sched, x, out, k)
