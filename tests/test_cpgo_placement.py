@@ -180,3 +180,23 @@ def test_gated_placement_probability_scaling_and_errors():
         CPGOConfig(steps="everywhere")
     with pytest.raises(ValueError, match="needs the policy"):
         full(traj, idx, idx, None, g)
+
+
+def test_known_answer_benchmark_agrees_with_the_rollout(tmp_path):
+    """benchmarks/cpgo_known_answer.py (the table in docs/results.md) computes the same α_k as the
+    library's rollout and the same closed-form pull the tests above measure."""
+    from tiny import load_benchmark
+
+    bench = load_benchmark("cpgo_known_answer")
+    out = bench.main(["--json", str(tmp_path / "ka.json")])
+    rows = out["rows"]
+    _, traj = _setup(8)
+    for r in rows:
+        k = r["k"]
+        assert r["alpha"] == pytest.approx(_alpha(traj, k), rel=1e-5)
+        assert r["sde"] == bool(traj.sde_mask[k]) and (r["target_noise_std"] > 0) == r["sde"]
+        if k < 9:
+            assert r["pull"] == pytest.approx(2 * _v(r["sigma"]) * (_a(r["sigma"]) - _a(float(traj.sigmas[k + 1])) * r["alpha"]),
+                                              rel=1e-5)
+    assert rows[0]["slope"] == 0 and rows[0]["relative_pull"] is None and rows[9]["pull"] == 0
+    assert (tmp_path / "ka.json").exists()
