@@ -200,3 +200,30 @@ def test_known_answer_benchmark_agrees_with_the_rollout(tmp_path):
                                               rel=1e-5)
     assert rows[0]["slope"] == 0 and rows[0]["relative_pull"] is None and rows[9]["pull"] == 0
     assert (tmp_path / "ka.json").exists()
+
+
+def test_cpgo_fixed_point_known_answers():
+    """Iterated CPGO (each update's target from the previous policy) drives the gated slopes to
+    ``b_k = b_{k+1}·α_k(b_k)``. With the Euler ODE step ``α_k(b) = 1 + dt·(1 − b)/σ_k`` and the last
+    step's exact slope ``b_9 = a(0.1) = 18/17`` left alone (its target is its own estimate), step 8
+    (σ 0.2, dt −0.1) solves ``b = (18/17)·(1/2 + b/2)``: ``b_8 = 9/8``. The sampler at that fixed
+    point passes the initial noise through: final variance far above the data's."""
+    from tiny import load_benchmark
+
+    bench = load_benchmark("cpgo_known_answer")
+    fp = bench.fixed_point(placement="gated", gate=0.6)
+    assert fp["steps_acted_on"] == [4, 5, 6, 7, 8]
+    assert fp["fixed_point_slopes"][9] == pytest.approx(18 / 17)
+    assert fp["fixed_point_slopes"][8] == pytest.approx(9 / 8, rel=1e-6)
+    # step 7 (σ 0.3, dt −0.1): b = (9/8)·(2/3 + b/3) → b = 6/5
+    assert fp["fixed_point_slopes"][7] == pytest.approx(6 / 5, rel=1e-6)
+    assert fp["fixed_point_slopes"][:4] == pytest.approx(fp["exact_slopes"][:4])
+    assert fp["exact_model_final_var"] == pytest.approx(0.2304, abs=2e-3)  # the 10-step sampler's own variance
+    assert fp["fixed_point_final_var"] > 4 * fp["data_var"]
+    # on the two SDE steps at σ 1.0, 0.9 the fixed point hardly moves the samples
+    tr = bench.fixed_point(placement="trained", gate=1.0)
+    assert tr["steps_acted_on"] == [0, 1]
+    assert tr["fixed_point_final_var"] == pytest.approx(tr["exact_model_final_var"], abs=0.01)
+    # the authors' own placement (SDE on every step, CPGO on those with σ ≤ 0.6) leaks noise too
+    au = bench.fixed_point(window=(0, 10), placement="trained", gate=0.6)
+    assert au["steps_acted_on"] == [4, 5, 6, 7, 8] and au["fixed_point_final_var"] > 2 * au["data_var"]
