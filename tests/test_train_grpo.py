@@ -180,9 +180,11 @@ def test_consistent_rft_authors_placement_trains_cpgo_on_ode_steps(tmp_path, tin
     the gate, by its own forward. It changes the update (vs the same run with λ = 0) and logs."""
     over = [f"model={tiny_model}", "lora_rank=0", "epochs=1", "prompts_per_epoch=2", "group_size=4", "rollout.steps=5",
             "rollout.sde_window=[0,1]", "eval.num_images=4", "eval.steps=2", "eval.every=0", "grpo.minibatch_size=4",
-            "reward=jpeg_incompressibility", "reward_kwargs={}", "cpgo.prob=1.0", "lr=1e-3", "lr_schedule=constant"]
+            "reward=jpeg_incompressibility", "reward_kwargs={}", "cpgo.prob=1.0", "cpgo.weight=0.1", "lr=1e-3",
+            "lr_schedule=constant"]
     cfg = load_config(TrainConfig, "configs/shapes/consistent_rft.yaml", over)
-    assert (cfg.cpgo.steps, cfg.cpgo.sigma_gate, cfg.cpgo.distance, cfg.cpgo.weight) == ("gated", 0.6, "mse", 0.1)
+    assert (cfg.cpgo.steps, cfg.cpgo.sigma_gate, cfg.cpgo.distance) == ("gated", 0.6, "mse")
+    assert load_config(TrainConfig, "configs/shapes/consistent_rft.yaml").cpgo.weight == 0.01
     Trainer(cfg, tmp_path / "on").train()
     Trainer(load_config(TrainConfig, "configs/shapes/consistent_rft.yaml", [*over, "cpgo.weight=0"]), tmp_path / "off").train()
     rows = [r for r in read_metrics(tmp_path / "on" / "metrics.jsonl") if "cpgo_applied" in r]
