@@ -128,7 +128,9 @@ def test_cpgo_scale_benchmark_measures_each_trainable_step(tmp_path, monkeypatch
     assert out["all_steps"][3]["cpgo_dist"] == pytest.approx(0, abs=1e-10)
     for r in out["all_steps"]:
         assert r["grad_cpgo_lambda1"] > 0 or r["k"] == 3
-        assert r["preset_lambda_vs_policy"] == pytest.approx(1e-4 * 0.2 * r["grad_cpgo_lambda1"] / mean_pol)
+        assert r["preset_lambda_vs_policy"] == pytest.approx(
+            out["cpgo_weight"] * out["cpgo_prob"] * r["grad_cpgo_lambda1"] / mean_pol)
+    assert (out["cpgo_weight"], out["cpgo_prob"], out["distance"]) == (0.01, 0.2, "mse")  # the shipped preset
     # the SDE steps' CPGO gradient is the same whether measured through recompute_step or predict_x0
     for a, b in zip(out["steps"], out["all_steps"][:2], strict=True):
         assert b["grad_cpgo_lambda1"] == pytest.approx(a["grad_cpgo_lambda1"], rel=1e-4)
