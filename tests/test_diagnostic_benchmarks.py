@@ -511,3 +511,30 @@ def test_fixed_prompts_resumes_from_its_last_evaluation_exactly(tmp_path, tiny_m
     assert ([{k: v for k, v in r.items() if k not in drop} for r in resumed["evaluations"]]
             == [{k: v for k, v in r.items() if k not in drop} for r in full["evaluations"]])
     assert resumed["train"] == full["train"]
+
+
+def test_periodic_curves_tables_evaluations_and_reward_means(tmp_path):
+    """benchmarks/periodic_curves.py on metrics written by the trainer's logger: one row per
+    evaluated epoch, the training reward averaged over the epochs since the previous evaluation,
+    --max-epoch cuts the curve, and a directory without metrics is a clear error."""
+    from tiny import load_benchmark
+
+    from diffalign.training.rundir import MetricsLogger
+
+    run = tmp_path / "a-seed0"
+    run.mkdir()
+    with MetricsLogger(run / "metrics.jsonl") as log:
+        log.log(0, {"eval/score": 0.5, "eval/lowlevel/flat_noise": 1e-3}, wall_time=0.0)
+        for step in (1, 2, 3, 4):
+            extra = {"eval/score": 0.6, "eval/lowlevel/flat_noise": 2e-3, "eval/missing": 0.1} if step in (2, 4) else {}
+            log.log(step, {"reward": 0.1 * step, **extra}, wall_time=float(step))
+    bench = load_benchmark("periodic_curves")
+    out = bench.main([f"mine={run}", "--max-epoch", "3", "--json", str(tmp_path / "c.json")])
+    curve = out["runs"]["mine"]["curve"]
+    assert [r["epoch"] for r in curve] == [0, 2]
+    assert curve[0]["train_reward"] is None and curve[1]["train_reward"] == pytest.approx(0.15)
+    assert curve[1]["score"] == 0.6 and curve[1]["flat_noise"] == 2e-3 and curve[1]["missing"] == 0.1
+    assert (tmp_path / "c.json").is_file()
+    assert [r["epoch"] for r in bench.main([str(run)])["runs"]["a-seed0"]["curve"]] == [0, 2, 4]
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path)])
