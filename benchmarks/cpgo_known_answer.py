@@ -36,35 +36,32 @@ from pathlib import Path
 import torch
 
 
+def _exact_slope(s: float, c: float) -> float:
+    """``a(σ) = (1−σ)c²/V(σ)``: the exact clean estimate's slope on ``u``."""
+    return (1 - s) * c**2 / _var(s, c)
+
+
+def _var(s: float, c: float) -> float:
+    """``V(σ) = (1−σ)²c² + σ²``: the variance of ``u`` at noise level σ."""
+    return (1 - s) ** 2 * c**2 + s**2
+
+
 def per_step(steps: int = 10, window: tuple[int, int] = (0, 2), noise_level: float = 0.7, m: float = 0.3,
              c: float = 0.5) -> list[dict]:
-    from diffalign.sampling import flow_sde_step, flow_sigmas, ode_step
+    from diffalign.sampling import flow_sigmas
 
     sig = [float(s) for s in flow_sigmas(steps)]
-
-    def a(s: float) -> float:
-        return (1 - s) * c**2 / ((1 - s) ** 2 * c**2 + s**2)
-
-    def var(s: float) -> float:
-        return (1 - s) ** 2 * c**2 + s**2
-
     rows = []
     for k in range(steps):
         s, s1 = sig[k], sig[k + 1]
         sde = window[0] <= k < window[1]
-        x = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1) + (1 - s) * m
-        v = (x - (m + a(s) * (x - (1 - s) * m))) / s
-        if sde:
-            out = flow_sde_step(x, v, s, s1, noise_level, sigma_max=sig[1], noise=torch.zeros_like(x))
-            mean, std = out.mean, float(out.std.flatten()[0])
-        else:
-            mean, std = ode_step(x, v, s, s1), 0.0
-        alpha = float(mean[1] - mean[0])
+        a = _exact_slope(s, c)
+        alpha, std = _step_coeffs(k, a, sig, sde, noise_level, m)
         last = k == steps - 1
-        pull = 0.0 if last else 2 * var(s) * (a(s) - a(s1) * alpha)
-        rows.append({"k": k, "sigma": s, "sde": sde, "slope": a(s), "alpha": alpha, "pull": pull,
-                     "relative_pull": None if a(s) == 0 else pull / (2 * var(s) * a(s)),
-                     "target_noise_std": 0.0 if last else a(s1) * std})
+        pull = 0.0 if last else 2 * _var(s, c) * (a - _exact_slope(s1, c) * alpha)
+        rows.append({"k": k, "sigma": s, "sde": sde, "slope": a, "alpha": alpha, "pull": pull,
+                     "relative_pull": None if a == 0 else pull / (2 * _var(s, c) * a),
+                     "target_noise_std": 0.0 if last else _exact_slope(s1, c) * std})
     return rows
 
 
@@ -91,10 +88,8 @@ def fixed_point(steps: int = 10, window: tuple[int, int] = (0, 2), noise_level: 
     sig = [float(s) for s in flow_sigmas(steps)]
     sde = [window[0] <= k < window[1] for k in range(steps)]
 
-    def exact(s: float) -> float:
-        return (1 - s) * c**2 / ((1 - s) ** 2 * c**2 + s**2)
-
-    b = [exact(s) for s in sig[:steps]]
+    exact = [_exact_slope(s, c) for s in sig[:steps]]
+    b = list(exact)
     acts = [k for k in range(steps - 1) if sig[k] <= gate + 1e-6 and (placement == "gated" or sde[k])]
 
     def final_var(slopes: list[float]) -> float:
@@ -111,7 +106,7 @@ def fixed_point(steps: int = 10, window: tuple[int, int] = (0, 2), noise_level: 
             b[k] = b_old[k + 1] * _step_coeffs(k, b_old[k], sig, sde[k], noise_level, m)[0]
         if max(abs(x - y) for x, y in zip(b, b_old, strict=True)) < 1e-12:
             break
-    return {"placement": placement, "gate": gate, "steps_acted_on": acts, "exact_slopes": [exact(s) for s in sig[:steps]],
+    return {"placement": placement, "gate": gate, "steps_acted_on": acts, "exact_slopes": exact,
             "fixed_point_slopes": b, "data_var": c**2, "exact_model_final_var": exact_var,
             "fixed_point_final_var": final_var(b)}
 

@@ -529,20 +529,8 @@ def recompute_step(
         ``std``), the velocity (flow) or ε (ddim) ``(N, C, H, W)``, and the clean estimate
         ``x̂0_θ(x_k)`` ``(N, C, H, W)``.
     """
-    device = traj.latents.device
-    i = torch.as_tensor(sample_idx, dtype=torch.long, device=device).reshape(-1)
-    k = torch.as_tensor(step_idx, dtype=torch.long, device=device).reshape(-1)
-    if i.shape != k.shape:
-        raise ValueError(f"sample_idx and step_idx must have the same length; got {len(i)} and {len(k)}")
-    if len(k) and not (0 <= int(k.min()) and int(k.max()) < traj.num_steps):
-        raise ValueError(f"step_idx must lie in [0, {traj.num_steps}); got {k.tolist()}")
-    model = _model_for(policy, traj.sampler)
-    sched = _Schedule.from_trajectory(traj)
-    x, prev = traj.latents[i, k], traj.latents[i, k + 1]
-    if cond is None:
-        cond = model.encode([traj.prompts[j] for j in i.tolist()])
-    out = _model_output(model, sched, x, k, cond, traj.guidance_scale, autocast_bf16)
-    step = _transition(sched, x, out, k, prev_sample=prev)
+    sched, i, k, x, out = _forward_at(policy, traj, sample_idx, step_idx, cond, autocast_bf16)
+    step = _transition(sched, x, out, k, prev_sample=traj.latents[i, k + 1])
     return step, out, _x0_estimate(sched, x, out, k)
 
 
@@ -572,6 +560,14 @@ def predict_x0(
     Returns:
         ``(N, C, H, W)`` float32.
     """
+    sched, _, k, x, out = _forward_at(policy, traj, sample_idx, step_idx, cond, autocast_bf16)
+    return _x0_estimate(sched, x, out, k)
+
+
+def _forward_at(policy: Any, traj: Trajectory, sample_idx: IndexLike, step_idx: IndexLike, cond: Any,
+                autocast_bf16: bool):
+    """The model's output at the stored states ``x_k`` of trajectories ``sample_idx``:
+    ``(schedule, i, k, x, out)``, indices checked (shared by the re-scoring functions)."""
     device = traj.latents.device
     i = torch.as_tensor(sample_idx, dtype=torch.long, device=device).reshape(-1)
     k = torch.as_tensor(step_idx, dtype=torch.long, device=device).reshape(-1)
@@ -584,5 +580,4 @@ def predict_x0(
     x = traj.latents[i, k]
     if cond is None:
         cond = model.encode([traj.prompts[j] for j in i.tolist()])
-    out = _model_output(model, sched, x, k, cond, traj.guidance_scale, autocast_bf16)
-    return _x0_estimate(sched, x, out, k)
+    return sched, i, k, x, _model_output(model, sched, x, k, cond, traj.guidance_scale, autocast_bf16)
