@@ -321,6 +321,55 @@ def test_matched_reward_picks_the_kept_checkpoint_nearest_a_common_reward(tmp_pa
         bench.main([str(tmp_path)])
 
 
+def test_time_to_score_nominates_from_the_smoothed_curve():
+    bench = load_benchmark("time_to_score")
+    rows = [{"step": 5, "eval/score": 0.5}, {"step": 10, "eval/score": 0.7}, {"step": 10, "eval/score": 0.4},
+            {"step": 15, "eval/score": 0.7}, {"step": 20, "eval/score": 0.7}, {"step": 21, "reward": 1.0}]
+    curve = bench.periodic_curve(rows, 2)  # the resumed step 10's last row (0.4) wins
+    assert curve == [(5, 0.5), (10, pytest.approx(0.45)), (15, pytest.approx(0.55)), (20, pytest.approx(0.7))]
+    kept = [4, 10, 15, 20, 30]
+    assert bench.candidates(curve, kept, 0.6, 0.0) == [20, 30]  # first smoothed >= 0.6: step 20
+    assert bench.candidates(curve, kept, 0.52, 0.0) == [15, 20, 30]  # not step 10: its smoothed score is 0.45
+    assert bench.candidates(curve, kept, 0.6, 0.1) == [10, 15, 20, 30]  # nominated at step 5; 4 is before it
+    assert bench.candidates(curve, kept, 0.8, 0.0) == []
+
+
+def test_time_to_score_confirms_on_a_real_run(tmp_path, tiny_model):
+    """A real tiny DiffusionNFT run keeping every checkpoint: a target every score meets is reached
+    at the first checkpoint at or after the first periodic evaluation; one no score can meet is not
+    reached after --max-evals confirmations, each a cached test-split evaluation of that step; a
+    gain target reads the base's evaluation at the run's own CFG."""
+    from diffalign.config import load_config
+    from diffalign.evaluation.report import evaluate
+    from diffalign.training.trainer import TrainConfig, Trainer
+
+    run = tmp_path / "nft-seed0"
+    cfg = load_config(TrainConfig, "configs/shapes/diffusion_nft_anchored.yaml", [
+        f"model={tiny_model}", "lora_rank=0", "epochs=3", "prompts_per_epoch=2", "group_size=4", "rollout.steps=2",
+        "nft.groups_per_step=2", "nft.groups_per_microbatch=2", "eval.every=1", "eval.num_images=4", "eval.steps=2",
+        "threads=1", "ckpt_every=1", "ckpt_keep_every=1"])
+    Trainer(cfg, run).train()
+    evaluate(tiny_model, tmp_path / "base-cfg1", num_images=4, steps=2, guidance_scale=1.0, splits=("test",),
+             images_per_prompt=1, use_proxy=False)
+    bench = load_benchmark("time_to_score")
+    common = [str(run), "--eval-images", "4", "--images-per-prompt", "1", "--eval-steps", "2", "--smooth", "1"]
+    out = bench.main([*common, "--target", "0", "--target", "1.5", "--slack", "2", "--max-evals", "2",
+                      "--gain", "-2", "--base-from", str(tmp_path), "--summary", str(tmp_path / "c.json"),
+                      "--key", "toy"])
+    e = out["methods"]["nft"]["0"]
+    assert e["eval_guidance"] == 1.0 and e["final"]["rollout_images"] == 24 and e["final"]["epochs"] == 3
+    easy, hard, gain = e["targets"]["score 0"], e["targets"]["score 1.5"], e["targets"]["base + -2"]
+    assert easy["reached"]["epoch"] == 1 and easy["reached"]["rollout_images"] == 8 and len(easy["tried"]) == 1
+    assert hard["reached"] is None and [t["epoch"] for t in hard["tried"]] == [1, 2]
+    assert hard["best_confirmed"] == max(t["score"] for t in hard["tried"])
+    assert gain["reached"]["epoch"] == 1 and gain["target"] <= -1
+    ev = json.loads((run / "eval_ckpt" / "step_0000002" / "eval.json").read_text())
+    assert "step 2" in ev["model"] and set(ev["splits"]) == {"test"} and ev["guidance_scale"] == 1.0
+    assert json.loads((tmp_path / "c.json").read_text())["toy"] == out
+    with pytest.raises(SystemExit, match="no base evaluation"):
+        bench.main([*common, "--gain", "0.1", "--base-from", str(tmp_path / "nowhere")])
+
+
 def test_constraint_signal_known_answer_on_renders():
     """A position group of two correct renders and two with the relation inverted, scored with
     the partial reward: the groups vary on the relation only and the advantage points exactly at
