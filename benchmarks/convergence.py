@@ -102,13 +102,14 @@ def run_guidance(run_dir: Path, fixed: float | None) -> float:
     return float((cfg.get("eval") or {}).get("guidance_scale", 4.5))
 
 
-def reusable_eval(eval_dir: Path, settings: dict) -> dict | None:
-    """The eval.json in ``eval_dir`` if it was made with ``settings`` (num_images, steps, ...)."""
+def reusable_eval(eval_dir: Path, settings: dict, splits: tuple[str, ...] = ("test", "ood")) -> dict | None:
+    """The eval.json in ``eval_dir`` if it was made with ``settings`` (num_images, steps, ...) and
+    holds every split in ``splits``."""
     f = eval_dir / "eval.json"
     if not f.is_file():
         return None
     ev = json.loads(f.read_text())
-    same = all(ev.get(k) == v for k, v in settings.items()) and all(s in ev.get("splits", {}) for s in ("test", "ood"))
+    same = all(ev.get(k) == v for k, v in settings.items()) and all(s in ev.get("splits", {}) for s in splits)
     return ev if same else None
 
 

@@ -56,13 +56,6 @@ def candidates(curve: list[tuple[int, float]], kept: list[int], target: float, s
     return [] if first is None else [k for k in kept if k >= first]
 
 
-def facts_at(cfg: dict, rows: list[dict], epoch: int) -> dict:
-    """Training minutes and rollout images up to ``epoch``, from the run's config and metrics."""
-    from matched_reward import run_facts
-
-    return run_facts(cfg, rows, epoch)
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="finished run directories named <method>-seed<S>")
@@ -88,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--smooth and --max-evals must be >= 1")
 
     import yaml
-    from matched_reward import figures
+    from convergence import reusable_eval
+    from matched_reward import figures, run_facts
 
     from diffalign.evaluation.report import evaluate
     from diffalign.training.rundir import list_checkpoints, read_metrics
@@ -104,16 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     def confirm(run: Path, epoch: int, guidance: float) -> float:
         out = run / "eval_ckpt" / f"step_{epoch:07d}"
-        f = out / "eval.json"
         settings = {"num_images": args.eval_images, "steps": args.eval_steps, "guidance_scale": guidance,
                     "images_per_prompt": args.images_per_prompt}
-        if f.is_file():
-            ev = json.loads(f.read_text())
-            if all(ev.get(k) == v for k, v in settings.items()) and "test" in ev.get("splits", {}):
-                return float(ev["splits"]["test"]["score"])
-        ev = evaluate(run / "checkpoints" / f"step_{epoch:07d}", out, num_images=args.eval_images,
-                      steps=args.eval_steps, guidance_scale=guidance, splits=("test",),
-                      images_per_prompt=args.images_per_prompt, use_proxy=False)
+        ev = reusable_eval(out, settings, ("test",)) or evaluate(
+            run / "checkpoints" / f"step_{epoch:07d}", out, num_images=args.eval_images, steps=args.eval_steps,
+            guidance_scale=guidance, splits=("test",), images_per_prompt=args.images_per_prompt, use_proxy=False)
         return float(ev["splits"]["test"]["score"])
 
     methods: dict = {}
@@ -133,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         final_ev = run / "eval" / "eval.json"
         entry: dict = {"eval_guidance": guidance, "eval_images": args.eval_images,
                        "final": {**(figures(json.loads(final_ev.read_text())) if final_ev.is_file() else {}),
-                                 **facts_at(cfg, rows, None)},
+                                 **run_facts(cfg, rows, None)},
                        "targets": {}}
         for name, t in targets.items():
             tried, reached = [], None
@@ -141,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
                 score = confirm(run, epoch, guidance)
                 tried.append({"epoch": epoch, "score": score})
                 if score >= t:
-                    reached = {"epoch": epoch, "score": score, **facts_at(cfg, rows, epoch)}
+                    reached = {"epoch": epoch, "score": score, **run_facts(cfg, rows, epoch)}
                     break
             entry["targets"][name] = {"target": t, "reached": reached, "tried": tried,
                                       "best_confirmed": max((x["score"] for x in tried), default=None)}

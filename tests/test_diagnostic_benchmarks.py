@@ -321,6 +321,66 @@ def test_matched_reward_picks_the_kept_checkpoint_nearest_a_common_reward(tmp_pa
         bench.main([str(tmp_path)])
 
 
+def test_claims_aggregates_over_seeds():
+    bench = load_benchmark("claims")
+    seeds = {"0": {"test/score": 0.5, "rollout_images": 10}, "1": {"test/score": 0.7, "rollout_images": 30},
+             "2": {"test/score": 0.6}}
+    agg = bench.aggregate(seeds)
+    assert agg["test/score"] == {"mean": pytest.approx(0.6), "min": 0.5, "max": 0.7, "n": 3}
+    assert agg["rollout_images"] == {"mean": 20.0, "min": 10.0, "max": 30.0, "n": 2} and "ood/score" not in agg
+
+
+def test_claims_records_figures_and_budgets_of_real_runs(tmp_path, tiny_model):
+    """benchmarks/claims.py on real tiny runs of the three kinds it counts differently: a Flow-GRPO
+    run (rollout images = epochs x prompts x group), a SePPO run (one reference sample per winner,
+    no losers read) and a Diffusion-DPO run (winners and losers read, nothing generated)."""
+    from tiny import write_render_prefs
+
+    from diffalign.config import load_config
+    from diffalign.evaluation.report import evaluate
+    from diffalign.training.preference import PreferenceConfig, PreferenceTrainer
+    from diffalign.training.trainer import TrainConfig, Trainer
+    from diffalign.world.grammar import prompt_splits
+
+    ev = {"num_images": 4, "steps": 2, "images_per_prompt": 1, "use_proxy": False}
+    cfg = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml", [
+        f"model={tiny_model}", "lora_rank=0", "epochs=2", "prompts_per_epoch=2", "group_size=4",
+        "rollout.steps=2", "rollout.sde_window=null", "eval.every=0", "grpo.minibatch_size=8", "threads=1"])
+    runs = [tmp_path / "flow_grpo-seed0"]
+    Trainer(cfg, runs[0]).train()
+    prompts = [prompt_splits()["train"]["colors"][i % 5] for i in range(8)]
+    data = write_render_prefs(tmp_path / "prefs", prompts, shard_size=8)
+    for preset in ("seppo", "diffusion_dpo"):
+        pcfg = load_config(PreferenceConfig, f"configs/shapes/{preset}.yaml", [
+            f"model={tiny_model}", f"data={data}", "lora_rank=0", "batch_size=2", "grad_accum=2", "max_updates=3",
+            "eval.every=0", "eval.num_images=2", "eval.steps=1", "eval.final_splits=[]", "seppo.sampler.steps=2",
+            "threads=1"])
+        runs.append(tmp_path / f"{preset}-seed1")
+        PreferenceTrainer(pcfg, runs[-1]).train()
+    for run in runs:
+        evaluate(run, run / "eval", splits=("test", "ood"), **ev)
+    evaluate(tiny_model, tmp_path / "base-cfg4.5", splits=("test", "ood"), **ev)
+    bench = load_benchmark("claims")
+    summary = tmp_path / "claims.json"
+    summary.write_text(json.dumps({"toy": {"matched": {"kept": 1}}, "other": 2}))
+    out = bench.main([*map(str, runs), "--base", str(tmp_path / "base-cfg4.5"), "--key", "toy",
+                      "--summary", str(summary)])
+    grpo, seppo, dpo = out["final"]["flow_grpo"]["0"], out["final"]["seppo"]["1"], out["final"]["diffusion_dpo"]["1"]
+    assert grpo["epochs"] == 2 and grpo["rollout_images"] == 16 and grpo["dataset_images"] == 0
+    assert seppo["updates"] == 3 and seppo["rollout_images"] == 12 and seppo["dataset_images"] == 12
+    assert dpo["updates"] == 3 and dpo["rollout_images"] == 0 and dpo["dataset_images"] == 24
+    for e in (grpo, seppo, dpo):
+        assert e["eval_images"] == 4 and e["eval_splits"] == ["ood", "test"] and 0 <= e["test/score"] <= 1
+        assert e["train_minutes"] >= 0 and "ood/high_level_hallucination" in e
+    assert out["aggregate"]["seppo"]["test/score"]["mean"] == seppo["test/score"]
+    assert out["base"]["eval_images"] == 4 and "test/score" in out["base"]
+    written = json.loads(summary.read_text())
+    assert written["other"] == 2 and written["toy"]["matched"] == {"kept": 1}  # other entries are kept
+    assert written["toy"]["final"] == out["final"] and written["toy"]["base"] == out["base"]
+    with pytest.raises(SystemExit, match="is not finished"):
+        bench.main([str(tmp_path / "nothing-seed0"), "--key", "toy"])
+
+
 def test_time_to_score_nominates_from_the_smoothed_curve():
     bench = load_benchmark("time_to_score")
     rows = [{"step": 5, "eval/score": 0.5}, {"step": 10, "eval/score": 0.7}, {"step": 10, "eval/score": 0.4},
