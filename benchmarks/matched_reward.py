@@ -1,7 +1,7 @@
 """Compare finished runs at matched training reward as well as at their final checkpoints.
 
     python benchmarks/matched_reward.py runs/claims/flow_grpo-seed0 runs/claims/consistent_rft-seed0 ... \
-        --eval-images 512 --summary docs/results/claims.json --key consistent_rft
+        --eval-images 512 --summary docs/results/claims.json --key consistent_rft/matched
 
 Methods that climb their training reward at different speeds are not comparable at one
 budget alone: the faster one may simply be further along (more over-optimised, more
@@ -15,7 +15,9 @@ common value and evaluates it. The runs must keep earlier checkpoints
   (the highest value every run reached).
 - Each run's matched checkpoint is its kept checkpoint with the smoothed reward nearest that
   value; it is evaluated like the final one (``diffalign eval``: ``--eval-images`` per split,
-  ``--images-per-prompt``, 20 steps) into ``<run>/eval_matched``. The final figures come from
+  ``--images-per-prompt``, 20 steps) into ``<run>/eval_matched/step_<N>`` (one directory per
+  checkpoint, so a later call with more runs, hence another common value, never reuses the
+  evaluation of a different checkpoint). The final figures come from
   the run's ``eval/eval.json`` (written by ``convergence.py``), or are evaluated the same way.
 
 A run is named by its directory, ``<method>-seed<S>``. ``--summary PATH --key CLAIM`` writes
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         epoch, reward = pick_checkpoint(run, curves[run], value)
         final_epoch = max(curves[run])
         ckpt = run / "checkpoints" / f"step_{epoch:07d}"
-        matched_dir = run / "eval" if epoch == final_epoch else run / "eval_matched"
+        matched_dir = run / "eval" if epoch == final_epoch else run / "eval_matched" / f"step_{epoch:07d}"
         cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
         methods.setdefault(method, {})[seed] = {
             "final": {**figures(evaluated(run, run / "eval")), **run_facts(cfg, metrics[run], None),

@@ -1,7 +1,7 @@
 """Training minutes and rollout images each run needs to reach a verifier score, confirmed on 512 images.
 
     python benchmarks/time_to_score.py runs/claims_fwd/crd-seed0 runs/claims_fwd/diffusion_nft_anchored-seed0 \
-        --target 0.631 --gain 0.043 --base-from runs/claims_fwd --summary docs/results/claims.json --key crd
+        --target 0.631 --gain 0.043 --base-from runs/claims_fwd --summary docs/results/claims.json --key crd/time_to_score
 
 A run's periodic evaluation (``eval.every`` epochs, ``eval.num_images``, usually 64 images:
 ±0.06) is too noisy to say when a score was reached: a single lucky evaluation would count.

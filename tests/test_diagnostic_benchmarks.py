@@ -314,7 +314,7 @@ def test_matched_reward_picks_the_kept_checkpoint_nearest_a_common_reward(tmp_pa
         assert r["matched"]["epoch"] == want and r["final"]["epoch"] == 4 and r["eval_images"] == 4
         assert r["final"]["rollout_images"] == 32 and r["matched"]["rollout_images"] == 8 * want
         assert 0 <= r["matched"]["test/score"] <= 1 and "ood/score" in r["final"]
-        ev_dir = run / ("eval" if want == 4 else "eval_matched")
+        ev_dir = run / "eval" if want == 4 else run / "eval_matched" / f"step_{want:07d}"
         assert f"step {want}" in json.loads((ev_dir / "eval.json").read_text())["model"]
     assert json.loads(summary.read_text())["toy"] == out
     with pytest.raises(SystemExit, match="named <method>-seed"):
