@@ -235,3 +235,39 @@ def test_cli_dispatches_on_the_preset_algorithm(tmp_path, tiny_model, prefs, cap
     assert [s for s, _ in _rows(run, "ref_index")] == [1, 2, 3]
     assert main(["train", "diffusion_dpo", "--out", str(tmp_path / "bad"), "seppo.flipper=soft", *common]) == 2
     assert "flipper" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- benchmarks/seppo_criterion.py
+
+
+def test_seppo_criterion_stats_on_a_known_answer():
+    import numpy as np
+    from tiny import load_benchmark
+
+    bench = load_benchmark("seppo_criterion")
+    delta = np.array([[1.0, 1.0, -1.0], [-1.0, -1.0, -1.0]])  # means 1/3 (reference better) and -1
+    r = bench.criterion_stats(delta)
+    assert r["flip_single"] == pytest.approx(2 / 6) and r["flip_mean"] == 0.5
+    assert r["agreement"] == pytest.approx(5 / 6)  # row 0: 2 of 3 draws agree with the mean; row 1: all
+    assert r["winners"] == 2 and r["draws"] == 3 and r["snr_median"] == np.inf  # row 1 has no spread
+    with pytest.raises(ValueError, match="winners, draws"):
+        bench.criterion_stats(np.zeros(3))
+
+
+def test_seppo_criterion_on_a_real_run(tmp_path, tiny_model, prefs):
+    """A finished tiny SePPO run: with one draw per winner the single-draw decision is its own mean
+    (agreement exactly 1); with the reference equal to the policy itself every Δ is 0 (no flips)."""
+    from tiny import load_benchmark
+
+    run = tmp_path / "seppo-seed0"
+    PreferenceTrainer(_cfg(tiny_model, prefs, "seppo", "max_updates=3"), run).train()
+    bench = load_benchmark("seppo_criterion")
+    one = bench.main([str(run), "--pairs", "8", "--draws", "1", "--batch", "4"])
+    assert one["agreement"] == 1.0 and one["flip_single"] == one["flip_mean"] and one["winners"] == 8
+    many = bench.main([str(run), "--pairs", "8", "--draws", "4", "--batch", "8", "--out", str(tmp_path / "c.json")])
+    assert 0 <= many["agreement"] <= 1 and many["draws"] == 4 and json.loads((tmp_path / "c.json").read_text()) == many
+    latest = load_checkpoint(run)["pool"]["entries"].index("seppo_pool_3")  # saved after the last update
+    same = bench.main([str(run), "--pairs", "4", "--draws", "2", "--ref", str(latest)])
+    assert same["mean_delta"] == 0.0 and same["flip_single"] == 0.0
+    with pytest.raises(SystemExit, match="not in the run's pool"):
+        bench.main([str(run), "--pairs", "2", "--draws", "1", "--ref", "9"])
