@@ -50,10 +50,16 @@ def budget(cfg: dict, rows: list[dict], summary: dict) -> dict:
             "dataset_images": pairs * per_pair}
 
 
+def eval_entry(ev: dict) -> dict:
+    """An evaluation's figures per split, its image count per split and its CFG."""
+    from matched_reward import figures
+
+    return {**figures(ev), "eval_images": ev["num_images"], "eval_guidance": ev["guidance_scale"]}
+
+
 def run_entry(run: Path) -> dict:
     """One finished run's final figures, budget and evaluation settings."""
     import yaml
-    from matched_reward import figures
 
     from diffalign.training.rundir import read_metrics
 
@@ -65,8 +71,7 @@ def run_entry(run: Path) -> dict:
     cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
     summary = json.loads((run / "summary.json").read_text())
     rows = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
-    return {**figures(ev), **budget(cfg, rows, summary), "eval_images": ev["num_images"],
-            "eval_guidance": ev["guidance_scale"], "eval_splits": sorted(ev["splits"])}
+    return {**eval_entry(ev), **budget(cfg, rows, summary), "eval_splits": sorted(ev["splits"])}
 
 
 def aggregate(seeds: dict[str, dict]) -> dict:
@@ -120,13 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
         final.setdefault(method, {})[seed] = run_entry(run)
     base = None
     if args.base is not None:
-        from matched_reward import figures
-
         ev_path = args.base / "eval.json"
         if not ev_path.is_file():
             raise SystemExit(f"error: no base evaluation at {ev_path} (benchmarks/convergence.py --base writes it)")
-        ev = json.loads(ev_path.read_text())
-        base = {**figures(ev), "eval_images": ev["num_images"], "eval_guidance": ev["guidance_scale"]}
+        base = eval_entry(json.loads(ev_path.read_text()))
     agg = {m: aggregate(s) for m, s in final.items()}
     result = {"final": final, "aggregate": agg, "base": base}
     if args.summary:
