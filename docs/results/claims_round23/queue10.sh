@@ -39,6 +39,7 @@ for seed in 0 1 2; do
   for p in ${PREF//,/ }; do c3 $p $seed; done
 done
 for p in seppo_dataset_losers_no_flipper seppo_no_flipper seppo_dataset_losers_ref_first; do c3 $p 0; done
+for seed in 1 2; do c3 seppo_no_flipper $seed; done  # round 23: seed 0 matched Diffusion-DPO
 echo "[queue] $(date) claim3 gather"
 python benchmarks/convergence.py --presets $PREF,seppo_dataset_losers_no_flipper,seppo_no_flipper,seppo_dataset_losers_ref_first --seeds 0,1,2 --minutes 60 --eval-images 512 --base --gather \
   --out runs/study_claims_pref > runs/study_claims_pref/gather.log 2>&1
