@@ -16,7 +16,14 @@ from tiny import tiny_unet
 from diffalign.cli import main
 from diffalign.config import load_config
 from diffalign.errors import CheckpointError, DiffalignError
-from diffalign.evaluation.compare import MixedConfigWarning, compare, config_differences, group_runs, load_run
+from diffalign.evaluation.compare import (
+    MixedConfigWarning,
+    compare,
+    config_differences,
+    group_runs,
+    load_run,
+    training_curve,
+)
 from diffalign.evaluation.report import diversity, evaluate
 from diffalign.models.checkpoint import save_unet
 from diffalign.models.unet import FlowUNet, UNetConfig
@@ -123,6 +130,7 @@ def test_eval_bad_inputs(runs, tmp_path, tiny_model, capsys):
 def test_compare_groups_seeds_and_warns_on_mixed_configs(runs, tmp_path):
     loaded = [load_run(r) for r in runs]
     assert [len(g) for g in group_runs(loaded)] == [2, 1]
+    assert training_curve(group_runs(loaded))[0] == "reward"  # RL runs: the lower curves show the reward
     diffs = config_differences(loaded)
     assert list(diffs) == ["lr"] and diffs["lr"][2] == 3e-3
     with pytest.warns(MixedConfigWarning, match="lr"):

@@ -166,6 +166,9 @@ def test_seppo_flipper_off_with_dataset_losers_is_diffusion_dpo(tmp_path, tiny_m
     assert _rows(dpo, "reward_margin") == _rows(sep, "reward_margin")
     a, b = load_checkpoint(dpo)["policy"], load_checkpoint(sep)["policy"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the compare page's lower curves show what preference runs log: no reward, the preference accuracy
+    from diffalign.evaluation.compare import load_run, training_curve
+    assert training_curve([[load_run(dpo)], [load_run(sep)]]) == ("accuracy", "train preference accuracy")
 
 
 def test_seppo_trains_reports_flips_and_resumes_exactly(tmp_path, tiny_model, prefs):

@@ -247,6 +247,15 @@ def _cell(stat: dict | Any) -> str:
     return fmt(m) if lo == hi else f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]"
 
 
+def training_curve(groups: list[list[Run]]) -> tuple[str, str]:
+    """The metric the lower curve panels show: the training reward (RL runs), or where no run logs
+    one the preference accuracy (Diffusion-DPO / SePPO runs log no reward)."""
+    for key, label in (("reward", "train reward"), ("accuracy", "train preference accuracy")):
+        if any(len(r.series(key)[0]) for g in groups for r in g):
+            return key, label
+    return "reward", "train reward"
+
+
 def plot_curves(groups: list[list[Run]], labels: list[str], path: Path) -> Path:
     import matplotlib
 
@@ -257,8 +266,9 @@ def plot_curves(groups: list[list[Run]], labels: list[str], path: Path) -> Path:
     legend_rows = -(-len(groups) // 3)
     legend_in = 0.3 + 0.2 * legend_rows
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.0 + legend_in))
+    train_key, train_label = training_curve(groups)
     panels = [("eval/score", "step", "eval verifier score"), ("eval/score", "train_time_s", "eval verifier score"),
-              ("reward", "step", "train reward"), ("reward", "train_time_s", "train reward")]
+              (train_key, "step", train_label), (train_key, "train_time_s", train_label)]
     # distinct colours for up to 20 groups (tab20 beyond the default 10), then dashed lines
     colors = (plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(groups) <= 10
               else list(matplotlib.colormaps["tab20"].colors))
