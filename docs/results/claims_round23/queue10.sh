@@ -1,8 +1,7 @@
 #!/bin/bash
-# Issue 22 study queue (round 24 on: queue9 plus seppo_dataset_losers_ref_first; CLAIM3_ONLY=1 stops after claim 3;
-# round 23: queue7 plus two seed-0 arms of claim 3's loser-source x flipper
-# factorial before its gather; earlier: queue6 plus the seppo_dataset_losers diagnostic; each claim's
-# analysis steps as soon as their runs exist): claim 3 first (short runs,
+# Issue 22 study queue (from round 24 on; holds every step of the earlier queue3/7/9; CLAIM3_ONLY=1 stops after
+# claim 3; round 23 added claim 3's loser-source x flipper x reference diagnostics before its gather;
+# each claim's analysis steps run as soon as their runs exist): claim 3 first (short runs,
 # the first claim that can reach a verdict), then claims 1 and 2 interleaved: each claim's seed-0
 # arms, then seeds 1 and 2, then CRD's ablations (seed 0).
 # Resumable: finished runs are kept (--reuse), a cut run resumes from its checkpoint.
